@@ -66,6 +66,11 @@ def is_full_finetuning(peft_config: dict | None) -> bool:
     return str(getattr(peft_type, "value", peft_type)).upper() == FULL_FINETUNING
 
 
+def _shape(value) -> tuple[int, ...]:
+    shape = getattr(value, "shape", None)
+    return tuple(int(n) for n in shape) if shape is not None else tuple(np.shape(value))
+
+
 def check_state_keys(expected: dict, given: dict, *, what: str = "adapter state dict") -> None:
     """Raise ``ValueError`` naming every missing and unexpected key, or every tensor of the wrong shape."""
     missing = sorted(set(expected) - set(given))
@@ -78,9 +83,9 @@ def check_state_keys(expected: dict, given: dict, *, what: str = "adapter state 
             parts.append(f"unexpected keys: {unexpected}")
         raise ValueError(f"{what} does not match the model; " + "; ".join(parts))
     bad = [
-        f"{k}: expected {tuple(np.shape(expected[k]))}, got {tuple(np.shape(given[k]))}"
+        f"{k}: expected {_shape(expected[k])}, got {_shape(given[k])}"
         for k in sorted(expected)
-        if tuple(np.shape(expected[k])) != tuple(np.shape(given[k]))
+        if _shape(expected[k]) != _shape(given[k])
     ]
     if bad:
         raise ValueError(f"{what} has tensors of the wrong shape: " + "; ".join(bad))
@@ -133,7 +138,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Eval-mode logits, ``float32`` of shape ``(B, T, V)``."""
+        """Eval-mode logits, ``float32`` of shape ``(B, T, V)``.
+
+        Methods that prepend virtual tokens (prompt tuning, P-tuning) still return only the ``T``
+        positions of the input.
+        """
 
     @abc.abstractmethod
     def loss_and_grads(
@@ -141,10 +150,12 @@ class Backend(abc.ABC):
     ) -> tuple[float, dict[str, np.ndarray]]:
         """Train-mode causal-LM loss and its gradients with respect to the adapter tensors.
 
-        The gradients are keyed like :meth:`adapter_state_dict`; entries of the adapter state
-        that are not parameters (saved buffers) have no gradient and are left out. Gradients are
-        computed for every adapter parameter even if an optimizer froze some of them (LoRA-FA's
-        ``lora_A``). The optimizer state is not touched.
+        The gradients are keyed like :meth:`adapter_state_dict`. Entries of the adapter state that
+        the adapter does not train have no gradient and are left out: saved buffers (VeRA's shared
+        ``vera_A``/``vera_B``) and frozen base weights that PEFT saves alongside an adapter (the base
+        embedding when an embedding layer is targeted). Gradients are computed for every parameter
+        the adapter trains, even if an optimizer froze some of them (LoRA-FA's ``lora_A``). An
+        adapter loaded with ``is_trainable=False`` has no gradients. The optimizer is not touched.
         """
 
     @abc.abstractmethod

@@ -28,8 +28,10 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
-    "float64": torch.float64,
 }
+
+
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -73,6 +75,7 @@ class TorchBackend(Backend):
         self._optimizer: torch.optim.Optimizer | None = None
         self._scheduler = None
         self._grad_norm_clip: float | None = None
+        self._trainable_ids: set[int] = set()
 
     # ------------------------------------------------------------------ model state
 
@@ -97,6 +100,10 @@ class TorchBackend(Backend):
         model = self._require_model()
         return model.get_base_model() if self.is_peft else model
 
+    def _remember_trainable(self) -> None:
+        """Record which parameters the adapter trains, before any optimizer freezes some of them."""
+        self._trainable_ids = {id(p) for p in self._require_model().parameters() if p.requires_grad}
+
     def _reset_training(self) -> None:
         self._optimizer = None
         self._scheduler = None
@@ -106,11 +113,18 @@ class TorchBackend(Backend):
         """Remove any adapter (without merging) and return the plain transformers model."""
         model = self._require_model()
         if self.is_peft:
-            model = model.unload()
+            config = self.peft_config
+            init = getattr(config, "init_lora_weights", None)
+            if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS) and self.source:
+                # These initialisations rewrite the base weights, which unloading does not undo.
+                self.load_base(self.source, dtype=self.dtype)
+                return self.model
+            model = model.get_base_model() if config.is_prompt_learning else model.unload()
         for param in model.parameters():
             param.requires_grad_(False)
         self.model = model
         self._full = False
+        self._trainable_ids = set()
         self._reset_training()
         return model
 
@@ -148,12 +162,14 @@ class TorchBackend(Backend):
             for param in base.parameters():
                 param.requires_grad_(True)
             self._full = True
+            self._remember_trainable()
             return
         config_dict = dict(peft_config)
         if config_dict.get("task_type") is None:
             config_dict["task_type"] = "CAUSAL_LM"
         config = PeftConfig.from_peft_type(**config_dict)
         self.model = get_peft_model(base, config, adapter_name=self.adapter_name)
+        self._remember_trainable()
 
     # ------------------------------------------------------------------ adapter tensors
 
@@ -223,6 +239,9 @@ class TorchBackend(Backend):
         }
         result = set_peft_model_state_dict(self.model, tensors, adapter_name=self.adapter_name)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if self.peft_config.is_prompt_learning:
+            # PEFT loads this one into the prompt encoder separately, after reporting it as unexpected.
+            unexpected = [k for k in unexpected if k != "prompt_embeddings"]
         if unexpected:
             raise ValueError(f"PEFT did not use these adapter keys: {sorted(unexpected)}")
         loaded = self._peft_state_dict()
@@ -251,18 +270,27 @@ class TorchBackend(Backend):
         )
 
     def load_adapter(self, folder: str, *, is_trainable: bool = True) -> None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
         from peft.utils import load_peft_weights
 
         is_full_checkpoint = os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "adapter_config.json"))
         if is_full_checkpoint:
             self._load_full(folder, is_trainable=is_trainable)
             return
-        base = self._detach_adapter()
+        config = PeftConfig.from_pretrained(folder)
         file_state = load_peft_weights(folder, device="cpu")
+        base = self._detach_adapter()
+        # PEFT refuses to load prompt-learning adapters as trainable; load them frozen and unfreeze
+        # the prompt encoder, which is what get_peft_model would have left trainable.
+        unfreeze_prompt = bool(config.is_prompt_learning and is_trainable)
         self.model = PeftModel.from_pretrained(
-            base, folder, adapter_name=self.adapter_name, is_trainable=is_trainable
+            base, folder, adapter_name=self.adapter_name, is_trainable=is_trainable and not unfreeze_prompt
         )
+        if unfreeze_prompt:
+            self.peft_config.inference_mode = False
+            for param in self.model.prompt_encoder.parameters():
+                param.requires_grad_(True)
+        self._remember_trainable()
         try:
             check_state_keys(self._peft_state_dict(), file_state, what=f"adapter weights in {folder}")
         except ValueError:
@@ -286,6 +314,7 @@ class TorchBackend(Backend):
         if not is_trainable:
             for param in base.parameters():
                 param.requires_grad_(False)
+        self._remember_trainable()
 
     # ------------------------------------------------------------------ forward passes
 
@@ -299,6 +328,9 @@ class TorchBackend(Backend):
 
     def _forward(self, input_ids, attention_mask, labels=None):
         inputs = self._inputs(input_ids, attention_mask)
+        if self.is_peft and self.peft_config.is_prompt_learning:
+            # PEFT ignores position ids for prompt-learning methods (it numbers virtual tokens first).
+            del inputs["position_ids"]
         if labels is not None:
             inputs["labels"] = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
         return self.model(**inputs, use_cache=False)
@@ -308,12 +340,16 @@ class TorchBackend(Backend):
         model.eval()
         with torch.no_grad():
             out = self._forward(input_ids, attention_mask)
-        return out.logits.float().cpu().numpy()
+        logits = out.logits
+        # Prompt tuning / P-tuning prepend virtual tokens; only the positions of the input are returned.
+        logits = logits[:, logits.shape[1] - np.shape(input_ids)[1] :]
+        return logits.float().cpu().numpy()
 
     def loss_and_grads(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray
     ) -> tuple[float, dict[str, np.ndarray]]:
         _, params = self._live_tensors()
+        params = {key: p for key, p in params.items() if id(p) in self._trainable_ids}
         model = self.model
         saved_flags = {id(p): p.requires_grad for p in model.parameters()}
         saved_grads = {id(p): p.grad for p in model.parameters()}
@@ -482,6 +518,7 @@ class TorchBackend(Backend):
         for param in model.parameters():
             param.requires_grad_(False)
         self.model = model
+        self._trainable_ids = set()
         self._merged = True
         self._reset_training()
 

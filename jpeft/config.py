@@ -543,11 +543,8 @@ class LoraConfig(PeftConfig):
             return
         if init == "pissa":
             return
-        if (
-            lowered in _UNSUPPORTED_LORA_INITS
-            or lowered.startswith("pissa")
-            or lowered.startswith("corda")
-        ):
+        # The same comparisons as PEFT's LoraLayer.update_layer: anything else is an unknown initialization there.
+        if init in _UNSUPPORTED_LORA_INITS or lowered == "mica" or init.startswith(("pissa", "corda")):
             raise UnsupportedConfigError(
                 f"{self.peft_type} config field `init_lora_weights`={init!r} is not supported by jpeft "
                 f"(supported: True, False, {', '.join(repr(s) for s in _SUPPORTED_LORA_INITS)})."

@@ -208,6 +208,7 @@ _TEMPLATES: tuple[_Template, ...] = (
         ),
         intro_group=(
             ("{name} takes {b} bills worth ${c} each to the {store}.", "{name} starts with {calc}."),
+            ("{name} has {b} gift cards worth ${c} each to use at the {store}.", "The gift cards are worth {calc}."),
         ),
         add=(
             ("At the entrance, {pro} finds ${b} in {pos} coat pocket.", "After finding the money, {name} has {calc}."),
@@ -223,6 +224,10 @@ _TEMPLATES: tuple[_Template, ...] = (
             (
                 "{Pro} sells {b} old {goods} to {friend} for ${c} each.",
                 "{Pro} earns {calc1} from the sale.\nSo {pro} has {calc2}.",
+            ),
+            (
+                "{Pro} sells {b} raffle tickets for ${c} each and keeps the money.",
+                "The tickets bring in {calc1}.\nNow {name} has {calc2}.",
             ),
         ),
         group_sub=(
@@ -258,6 +263,10 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "{name} is saving for a new {goal}. {Pro} saved ${c} a week for {b} weeks.",
                 "{Pro} saved {calc} so far.",
             ),
+            (
+                "{name} wants to buy a {goal}. {Pro} earned ${c} on each of {b} weekends by helping at a bakery.",
+                "{Pro} earned {calc} so far.",
+            ),
         ),
         add=(
             ("{Pos} grandmother gives {obj} ${b} for {pos} birthday.", "After the birthday gift, {pro} has {calc}."),
@@ -267,6 +276,7 @@ _TEMPLATES: tuple[_Template, ...] = (
         sub=(
             ("{Pro} takes out ${b} to buy a present for {friend}.", "{Pro} has {calc} left after buying the present."),
             ("{Pro} spends ${b} on a movie ticket and popcorn.", "After the movie, {pro} has {calc}."),
+            ("{Pro} spends ${b} on a new pair of headphones.", "After buying the headphones, {pro} has {calc} left."),
         ),
         group_add=(
             (
@@ -279,6 +289,10 @@ _TEMPLATES: tuple[_Template, ...] = (
             (
                 "{Pro} buys {b} {goods} for ${c} each.",
                 "The {goods} cost {calc1}.\n{Pro} has {calc2} left in savings.",
+            ),
+            (
+                "{Pro} pays for {b} swimming lessons that cost ${c} each.",
+                "The lessons cost {calc1}.\nThat leaves {calc2} in savings.",
             ),
         ),
         split=(
@@ -298,25 +312,36 @@ _TEMPLATES: tuple[_Template, ...] = (
         intro=("{name} bakes {a} {item} for a bake sale.", "{name} made {a} {item} on Saturday morning."),
         intro_group=(
             ("{name} bakes {b} trays of {item} with {c} {item} on each tray.", "{Pro} bakes {calc} {item}."),
+            ("{name} makes {b} batches of {item}, and each batch has {c} {item}.", "{Pro} makes {calc} {item}."),
         ),
         add=(
             ("{Pos} friend {friend} brings {b} more {item}.", "Now there are {calc} {item}."),
             ("{Pro} bakes another {b} {item} in the afternoon.", "That makes {calc} {item}."),
+            ("{Pos} neighbor drops off {b} {item} as a gift.", "That brings the total to {calc} {item}."),
         ),
         sub=(
             ("{Pos} family eats {b} of the {item}.", "After that, {calc} {item} are left."),
             ("{Pro} drops {b} {item} on the floor and throws them away.", "{Pro} has {calc} {item} left."),
+            ("{Pro} sells {b} {item} to {friend}.", "Then {calc} {item} remain."),
         ),
         group_add=(
             (
                 "Then {pro} bakes {b} more batches with {c} {item} in each batch.",
                 "The new batches have {calc1} {item}.\nIn total {pro} has {calc2} {item}.",
             ),
+            (
+                "{friend} drops off {b} boxes that each hold {c} {item}.",
+                "The boxes hold {calc1} {item}.\nNow there are {calc2} {item}.",
+            ),
         ),
         group_sub=(
             (
                 "{Pro} gives {c} {item} to each of {pos} {b} neighbors.",
                 "{Pro} gives away {calc1} {item}.\nSo {pro} has {calc2} {item} left.",
+            ),
+            (
+                "{Pro} fills {b} gift bags with {c} {item} each.",
+                "The gift bags take {calc1} {item}.\nThat leaves {calc2} {item}.",
             ),
         ),
         convert=(
@@ -328,7 +353,7 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "Each box gets {calc} {item}.",
             ),
         ),
-        ask=("How many {item} does {name} have now?", "How many {item} are left?"),
+        ask=("How many {item} does {name} have now?", "How many {item} does {name} have in the end?"),
         distractors=("The oven takes {d} minutes to heat up.", "The recipe was written {d} years ago."),
     ),
     _Template(
@@ -344,6 +369,10 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "{name} plans a trip to {place}. The route has {b} stretches that are each {c} miles long.",
                 "The trip is {calc} miles long.",
             ),
+            (
+                "{name} is driving to {place}. The map shows {b} legs of {c} miles each.",
+                "The trip is {calc} miles in total.",
+            ),
         ),
         add=(
             (
@@ -354,21 +383,31 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "{Pro} has to pick up {friend} on the way, which adds {b} miles.",
                 "Picking up {friend} makes it {calc} miles to go.",
             ),
+            ("{Pro} misses an exit and has to drive {b} extra miles.", "The missed exit makes it {calc} miles to go."),
         ),
         sub=(
             ("Before lunch, {pro} drives {b} miles.", "After that, {pro} still has {calc} miles to go."),
             ("{Pro} stops for gas after driving {b} miles.", "At the gas station, {calc} miles remain."),
+            ("{Pro} drives {b} miles and then stops to stretch {pos} legs.", "Then {calc} miles are left."),
         ),
         group_add=(
             (
                 "Road work adds {b} detours of {c} miles each.",
                 "The detours add {calc1} miles.\nThe remaining distance is now {calc2} miles.",
             ),
+            (
+                "Because of heavy traffic, {pro} takes {b} side roads that each add {c} miles.",
+                "The side roads add {calc1} miles.\nNow {calc2} miles remain.",
+            ),
         ),
         group_sub=(
             (
                 "After lunch, {pro} drives for {b} hours at {c} miles per hour.",
                 "In those hours {pro} covers {calc1} miles.\nThat leaves {calc2} miles.",
+            ),
+            (
+                "Later, {pro} drives {b} stretches of {c} miles each.",
+                "The stretches cover {calc1} miles.\nSo {calc2} miles remain.",
             ),
         ),
         split=(
@@ -393,13 +432,19 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "A train leaves {station} with {b} cars, and each car carries {c} passengers.",
                 "The train starts with {calc} passengers.",
             ),
+            (
+                "{name}'s train has {b} cars with {c} passengers in each car.",
+                "There are {calc} passengers at the start.",
+            ),
         ),
         add=(
             ("At the next station, {b} passengers get on.", "Now there are {calc} passengers."),
             ("At {station2}, {b} more people board the train.", "The train then carries {calc} passengers."),
+            ("At a small village stop, {b} passengers climb aboard.", "There are now {calc} passengers."),
         ),
         sub=(
-            ("At {station2}, {b} passengers get off.", "That leaves {calc} passengers."),
+            ("At {station3}, {b} passengers get off.", "That leaves {calc} passengers."),
+            ("{b} passengers leave the train at the airport stop.", "Now {calc} passengers remain."),
             ("At the next stop, {b} passengers leave the train.", "Then {calc} passengers are still on board."),
         ),
         group_add=(
@@ -407,11 +452,19 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "Then {b} families of {c} people board the train.",
                 "The families add {calc1} passengers.\nThe train now carries {calc2} passengers.",
             ),
+            (
+                "At {station4}, {b} tour groups with {c} people each get on.",
+                "The tour groups bring {calc1} people.\nThe train now has {calc2} passengers.",
+            ),
         ),
         group_sub=(
             (
                 "At the museum stop, {b} school groups of {c} students each get off.",
                 "The groups have {calc1} students.\nThere are {calc2} passengers left.",
+            ),
+            (
+                "At the stadium stop, {b} teams of {c} players get off.",
+                "The teams have {calc1} players.\nThat leaves {calc2} passengers.",
             ),
         ),
         convert=(
@@ -439,19 +492,26 @@ _TEMPLATES: tuple[_Template, ...] = (
         intro=("{name} has {a} {item} in {pos} backpack.", "{name} keeps {a} {item} in {pos} desk at school."),
         intro_group=(
             ("{name} buys {b} boxes of {item} with {c} {item} in each box.", "{Pro} has {calc} {item}."),
+            ("{name} gets {b} packs of {item}, and each pack has {c} {item}.", "That is {calc} {item}."),
         ),
         add=(
             ("{Pos} teacher gives {obj} {b} more {item}.", "{Pro} now has {calc} {item}."),
             ("{Pro} finds {b} {item} at the bottom of {pos} locker.", "That gives {obj} {calc} {item}."),
+            ("{friend} gives {obj} {b} {item}.", "Now {pro} has {calc} {item}."),
         ),
         sub=(
             ("{Pro} lends {b} {item} to {friend}.", "{Pro} has {calc} {item} left."),
             ("{Pro} loses {b} {item} on the bus.", "After that, {pro} has {calc} {item}."),
+            ("{Pro} throws away {b} worn-out {item}.", "{Pro} has {calc} {item} remaining."),
         ),
         group_add=(
             (
                 "{Pro} wins {b} packs of {item} in a raffle, and each pack has {c} {item}.",
                 "The packs hold {calc1} {item}.\nThat brings {obj} to {calc2} {item}.",
+            ),
+            (
+                "{Pro} buys {b} more boxes with {c} {item} in each.",
+                "The boxes have {calc1} {item}.\n{Pro} now has {calc2} {item}.",
             ),
         ),
         group_sub=(
@@ -459,18 +519,26 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "{Pro} gives {c} {item} to each of {b} classmates.",
                 "{Pro} gives away {calc1} {item}.\n{Pro} keeps {calc2} {item}.",
             ),
+            (
+                "{Pro} hands out {c} {item} to each of {b} teams in a class game.",
+                "The teams get {calc1} {item}.\nThat leaves {obj} with {calc2} {item}.",
+            ),
         ),
         convert=(
             ("Each {item_s} costs ${k}. How much are all of {name}'s {item} worth?", "They are worth {calc}.", True),
         ),
         split=(
             (
-                "{Pro} puts the {item} into {k} cups with the same number in each cup. How many {item} are in each cup?",
+                "{Pro} puts the {item} into {k} cups with the same number in each cup. "
+                "How many {item} are in each cup?",
                 "Each cup has {calc} {item}.",
             ),
         ),
         ask=("How many {item} does {name} have now?", "How many {item} does {name} end up with?"),
-        distractors=("There are {d} students in {name}'s class.", "{Pos} school day lasts {d} minutes longer on Fridays."),
+        distractors=(
+            "There are {d} students in {name}'s class.",
+            "{Pos} school day lasts {d} minutes longer on Fridays.",
+        ),
     ),
     _Template(
         name="farm",
@@ -482,19 +550,26 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "Farmer {name} keeps {item} in {b} pens, with {c} {item} in each pen.",
                 "{Pro} has {calc} {item}.",
             ),
+            ("{name} has {b} barns, and each barn holds {c} {item}.", "{Pro} has {calc} {item}."),
         ),
         add=(
             ("{Pro} buys {b} more {item} at the market.", "{Pro} now has {calc} {item}."),
             ("In the spring, {b} young {item} are born on the farm.", "That makes {calc} {item}."),
+            ("A neighbor gives {obj} {b} {item}.", "So {pro} has {calc} {item}."),
         ),
         sub=(
             ("{Pro} sells {b} {item} to a neighbor.", "{Pro} has {calc} {item} left."),
             ("{b} of the {item} escape through a hole in the fence.", "{Pro} is left with {calc} {item}."),
+            ("{Pro} gives {b} {item} to {pos} cousin.", "That leaves {calc} {item}."),
         ),
         group_add=(
             (
                 "{Pro} buys {b} groups of {c} {item} from another farm.",
                 "The groups have {calc1} {item}.\nNow the farm has {calc2} {item}.",
+            ),
+            (
+                "{b} neighbors each give {obj} {c} {item}.",
+                "The neighbors give {obj} {calc1} {item}.\nNow {pro} has {calc2} {item}.",
             ),
         ),
         group_sub=(
@@ -502,11 +577,19 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "{Pro} sells {c} {item} to each of {b} neighbors.",
                 "{Pro} sells {calc1} {item}.\n{Pro} keeps {calc2} {item}.",
             ),
+            (
+                "{Pro} sends {b} trucks to a fair, and each truck carries {c} {item}.",
+                "The trucks carry {calc1} {item}.\nThat leaves {calc2} {item} on the farm.",
+            ),
         ),
         scale=(
             (
                 "A year later, {pro} has {k} times as many {item}.",
                 "A year later there are {calc} {item}.",
+            ),
+            (
+                "Over the next few years, the number of {item} becomes {k} times as large.",
+                "Then there are {calc} {item}.",
             ),
         ),
         convert=(
@@ -536,25 +619,36 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "{name} picks {b} baskets of {item}, and each basket holds {c} {item}.",
                 "{Pro} picks {calc} {item}.",
             ),
+            ("{name} fills {b} bags with {c} {item} each at the orchard.", "{Pro} has {calc} {item}."),
         ),
         add=(
             ("{friend} gives {obj} {b} more {item}.", "{Pro} now has {calc} {item}."),
             ("{Pro} picks {b} more {item} from the last tree.", "That makes {calc} {item}."),
+            ("{Pro} buys {b} {item} at a roadside stand.", "Then {pro} has {calc} {item}."),
         ),
         sub=(
             ("{Pro} uses {b} {item} to make jam.", "{Pro} has {calc} {item} left."),
             ("{b} of the {item} are bruised, so {pro} throws them away.", "That leaves {calc} {item}."),
+            ("{Pro} gives {b} {item} to {friend}.", "{Pro} has {calc} {item} remaining."),
         ),
         group_add=(
             (
                 "{Pos} neighbor brings over {b} bags with {c} {item} in each bag.",
                 "The bags hold {calc1} {item}.\nAltogether {pro} has {calc2} {item}.",
             ),
+            (
+                "{Pro} buys {b} crates of {item} with {c} {item} in each crate.",
+                "The crates hold {calc1} {item}.\nNow {pro} has {calc2} {item}.",
+            ),
         ),
         group_sub=(
             (
                 "{Pro} bakes {b} pies and uses {c} {item} in each pie.",
                 "The pies use {calc1} {item}.\n{Pro} has {calc2} {item} left.",
+            ),
+            (
+                "{Pro} gives {c} {item} to each of {b} friends.",
+                "{Pro} gives away {calc1} {item}.\n{Pro} has {calc2} {item} left.",
             ),
         ),
         convert=(
@@ -570,7 +664,7 @@ _TEMPLATES: tuple[_Template, ...] = (
                 "Each bag has {calc} {item}.",
             ),
         ),
-        ask=("How many {item} does {name} have now?", "How many {item} are left?"),
+        ask=("How many {item} does {name} have now?", "How many {item} does {name} have at the end?"),
         distractors=("The orchard has {d} rows of trees.", "The market is open {d} hours a week."),
     ),
 )
@@ -628,7 +722,7 @@ def _try_event(kind: str, rng: random.Random, cur: int, cfg: MathTaskConfig) -> 
         b = _randint(rng, lo, min(hi, cfg.max_result - cur))
         return None if b is None else (("add", b), cur + b)
     if kind == "sub":
-        b = _randint(rng, lo, min(hi, cur - 1))
+        b = _randint(rng, lo, min(hi, cur - 2))
         return None if b is None else (("sub", b), cur - b)
     if kind == "group_add":
         b = _randint(rng, 2, min(cfg.max_factor, (cfg.max_result - cur) // 2))
@@ -637,10 +731,10 @@ def _try_event(kind: str, rng: random.Random, cur: int, cfg: MathTaskConfig) -> 
         c = _randint(rng, 2, min(hi, (cfg.max_result - cur) // b))
         return None if c is None else (("group_add", b, c), cur + b * c)
     if kind == "group_sub":
-        b = _randint(rng, 2, min(cfg.max_factor, (cur - 1) // 2))
+        b = _randint(rng, 2, min(cfg.max_factor, (cur - 2) // 2))
         if b is None:
             return None
-        c = _randint(rng, 2, min(hi, (cur - 1) // b))
+        c = _randint(rng, 2, min(hi, (cur - 2) // b))
         return None if c is None else (("group_sub", b, c), cur - b * c)
     if kind == "scale":
         k = _randint(rng, 2, min(cfg.max_factor, 5, cfg.max_result // max(cur, 1)))
@@ -649,7 +743,7 @@ def _try_event(kind: str, rng: random.Random, cur: int, cfg: MathTaskConfig) -> 
         k = _randint(rng, 2, min(cfg.max_factor, cfg.max_result // max(cur, 1)))
         return None if k is None else (("convert", k), cur * k)
     if kind == "split":
-        divisors = [k for k in range(2, min(cfg.max_factor, cur) + 1) if cur % k == 0]
+        divisors = [k for k in range(2, min(cfg.max_factor, cur // 2) + 1) if cur % k == 0]
         if not divisors:
             return None
         k = rng.choice(divisors)
@@ -754,10 +848,11 @@ def _render(
     name = rng.choice(_FEMALE if gender == "f" else _MALE)
     friend = rng.choice([n for n in _FEMALE + _MALE if n != name])
     item, item_s = rng.choice(template.items)
-    stations = rng.sample(_POOLS["station"], 2)
+    stations = rng.sample(_POOLS["station"], 4)
     fields: dict[str, Any] = {key: rng.choice(words) for key, words in _POOLS.items()}
     fields.update(_PRONOUNS[gender])
-    fields.update(name=name, friend=friend, item=item, item_s=item_s, station=stations[0], station2=stations[1])
+    fields.update(name=name, friend=friend, item=item, item_s=item_s)
+    fields.update(station=stations[0], station2=stations[1], station3=stations[2], station4=stations[3])
     if gender == "m":
         fields["place"] = fields["place"].replace("her aunt's", "his aunt's")
     picker = _Picker(rng)
@@ -822,13 +917,14 @@ def _render(
         solution.extend(s.format_map(f).split("\n"))
         cur = value
 
+    if final_question is None:
+        final_question = rng.choice(template.ask).format_map(fields)
+    # drawn last, so that a problem differs from its distractor-free version only by the inserted sentence
     has_distractor = rng.random() < cfg.distractor_prob
     if has_distractor:
         pattern = rng.choice(template.distractors + _GENERIC_DISTRACTORS)
         d = rng.randint(2, max(2, cfg.max_operand))
         sentences.insert(rng.randint(1, len(sentences)), pattern.format_map({**fields, "d": d}))
-    if final_question is None:
-        final_question = rng.choice(template.ask).format_map(fields)
     sentences.append(final_question)
     solution.append(f"#### {cur}")
     return " ".join(sentences), "\n".join(solution), has_distractor

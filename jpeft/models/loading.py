@@ -69,8 +69,18 @@ def embedded_model_folder(name: str) -> str:
       os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype="float32")
   tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf),
                                                          gguf_file=os.path.basename(gguf))
+  from safetensors.torch import save_file
   tmp = folder + f".tmp{os.getpid()}"
-  model.save_pretrained(tmp)
+  os.makedirs(tmp, exist_ok=True)
+  state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+  if model.config.tie_word_embeddings:
+    state.pop("lm_head.weight", None)
+  save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  hf_config = model.config.to_dict()
+  hf_config.pop("quantization_config", None)
+  hf_config["dtype"] = "float32"
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
   tokenizer.save_pretrained(tmp)
   with open(os.path.join(tmp, ".source"), "w") as f:
     f.write(source_id)

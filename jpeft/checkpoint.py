@@ -1,0 +1,122 @@
+"""Adapters on disk in PEFT's format, and merged models in transformers' format.
+
+``save_pretrained`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
+``peft.PeftModel.from_pretrained(base, folder)`` loads with no missing or unexpected keys;
+``load_pretrained`` reads any PEFT checkpoint of a supported method, checking the exact key set and every
+shape (PEFT itself ignores unexpected keys and keeps the init for missing ones; jpeft refuses both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import config as config_lib
+from jpeft import core
+from jpeft.models.llama import LlamaConfig, param_shapes
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _to_numpy(x) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+
+
+def save_pretrained(folder: str, adapter: core.Adapter, config) -> str:
+  """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's keys, metadata format=pt)."""
+  from safetensors.numpy import save_file
+  os.makedirs(folder, exist_ok=True)
+  config_lib.save_config(config, folder)
+  state = {k: _to_numpy(v) for k, v in core.to_state_dict(adapter).items()}
+  if any(v.dtype == jnp.bfloat16 for v in state.values()):
+    return _save_torch(folder, state)
+  path = os.path.join(folder, ADAPTER_WEIGHTS)
+  save_file(state, path, metadata={"format": "pt"})
+  return path
+
+
+def _save_torch(folder, state):
+  import torch
+  from safetensors.torch import save_file
+  tensors = {k: (torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) if v.dtype == jnp.bfloat16
+                 else torch.from_numpy(v)) for k, v in state.items()}
+  path = os.path.join(folder, ADAPTER_WEIGHTS)
+  save_file(tensors, path, metadata={"format": "pt"})
+  return path
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a safetensors file as numpy (bf16 kept as ml_dtypes bfloat16); clear error if corrupt."""
+  from safetensors import safe_open
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"adapter weights not found: {path!r}")
+  out = {}
+  try:
+    with safe_open(path, framework="pt") as f:
+      for key in f.keys():
+        t = f.get_tensor(key)
+        out[key] = (t.float().numpy().astype(jnp.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy())
+  except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+    raise core.AdapterCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+  return out
+
+
+def load_pretrained(folder: str, params, model_config: LlamaConfig, *, key=None):
+  """Load a PEFT adapter folder for this model.
+
+  Returns ``(config, adapter, params)``: ``params`` is the input unless the method rewrites the base at
+  init (PiSSA/OLoRA residuals, recomputed from the base exactly as PEFT does on load).
+  """
+  config = config_lib.load_config(folder)
+  template, params = core.init(key if key is not None else jax.random.key(0), params, config, model_config)
+  state = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
+  adapter = core.from_state_dict(state, template, source=os.path.join(folder, ADAPTER_WEIGHTS))
+  return config, adapter, params
+
+
+def hf_config_dict(model_config: LlamaConfig) -> dict:
+  """A transformers ``config.json`` for this Llama."""
+  c = model_config
+  d = {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+      "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+      "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+      "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+      "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
+      "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias,
+      "mlp_bias": c.mlp_bias, "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
+      "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
+      "rope_theta": c.rope_theta,
+  }
+  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+  if c.rope_scaling is not None:
+    rope.update(dict(c.rope_scaling))
+  d["rope_parameters"] = rope
+  d["rope_scaling"] = rope
+  return d
+
+
+def save_merged_model(folder: str, merged_params, model_config: LlamaConfig) -> str:
+  """Write merged params as a transformers model folder (config.json + model.safetensors).
+
+  If an adapter changed the embedding of a tied model, the head keeps the base embedding (as it did
+  during training), so the folder is written untied.
+  """
+  from safetensors.numpy import save_file
+  os.makedirs(folder, exist_ok=True)
+  expected = param_shapes(model_config)
+  state = {k: _to_numpy(v).astype(np.float32) if _to_numpy(v).dtype == jnp.bfloat16 else _to_numpy(v)
+           for k, v in merged_params.items() if k in expected or k == "lm_head.weight"}
+  cfg = hf_config_dict(model_config)
+  if "lm_head.weight" in state and model_config.tie_word_embeddings:
+    cfg["tie_word_embeddings"] = False
+  path = os.path.join(folder, "model.safetensors")
+  save_file(state, path, metadata={"format": "pt"})
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  return folder

@@ -1,0 +1,291 @@
+"""The PEFT core: one place for what every method shares.
+
+A *method* is a :class:`Method` -- a handful of pure per-module functions (init a module's tensors, wrap a
+module's base weight) registered under PEFT's ``peft_type``. Everything around them lives here, once:
+
+* targeting (PEFT's rules, :mod:`jpeft.targets`) and the ``modules_to_save`` full copies,
+* the adapter pytree and its mapping to PEFT's state-dict keys,
+* ``init`` / ``apply`` / ``merge`` over the whole model,
+* adapter dtype (PEFT's ``autocast_adapter_dtype``) and the trainable split.
+
+The adapter pytree mirrors PEFT's saved state dict one-to-one::
+
+    adapter = {
+        "model.layers.0.self_attn.q_proj": {"lora_A.weight": (r, in), "lora_B.weight": (out, r)},
+        ...
+        "lm_head": {"weight": (V, H)},          # a modules_to_save copy
+        SHARED: {"vera_A": ...},                # model-level tensors (VeRA, VB-LoRA), when a method has them
+    }
+
+and the PEFT key of a tensor is ``base_model.model.<module>.<tensor>`` (``base_model.<tensor>`` for
+:data:`SHARED`). No method writes its own key mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from jpeft import config as config_lib
+from jpeft import targets as targets_lib
+from jpeft.models.llama import LlamaConfig, base_array, module_kinds
+
+Array = jax.Array
+Adapter = dict  # {module name: {tensor name: array}}
+SHARED = "__shared__"
+PEFT_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+  """What a method sees of one targeted module."""
+
+  name: str               # Hugging Face module path, e.g. "model.layers.0.self_attn.q_proj"
+  kind: str               # "linear" | "embedding" | "norm"
+  weight: Any             # the base weight array ((out, in) for linear, (V, H) for embedding)
+  bias: Any = None        # the base bias or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A PEFT method as pure functions over one module at a time.
+
+  Attributes:
+    peft_type: PEFT's ``peft_type`` string.
+    init_module: ``(key, spec, config) -> {tensor name: array}`` -- the module's adapter tensors, named as
+      in PEFT's state dict (without the module prefix), at PEFT's initialisation.
+    adapt_module: ``(spec, tensors, config, shared, rng) -> {param suffix: entry}`` -- the entries that
+      replace the module's params in the model (e.g. ``{"weight": LoraWeight(...)}``). ``rng`` is a key for
+      dropout or None (eval).
+    init_shared: optional ``(key, params, config, targets) -> {name: array}`` for model-level tensors.
+    prepare_base: optional ``(spec, tensors, config) -> new base weight`` for methods that rewrite the base
+      at init (PiSSA/OLoRA residuals); re-run when a checkpoint is loaded, as PEFT does.
+    frozen_tensors: names of adapter tensors that are saved but never trained.
+  """
+
+  peft_type: str
+  init_module: Callable[..., dict]
+  adapt_module: Callable[..., dict]
+  init_shared: Callable[..., dict] | None = None
+  prepare_base: Callable[..., Any] | None = None
+  frozen_tensors: tuple[str, ...] = ()
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+  _METHODS[method.peft_type] = method
+  return method
+
+
+def get_method(peft_type: str) -> Method:
+  if peft_type not in _METHODS:
+    import jpeft.methods  # noqa: F401  (methods register on import)
+  if peft_type not in _METHODS:
+    config_lib.get_config_class(peft_type)  # raises the error that lists what is supported
+    raise config_lib.UnsupportedConfigError(f"peft_type {peft_type!r} has a config but no implementation")
+  return _METHODS[peft_type]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targeting
+
+
+def resolve(config, model_config: LlamaConfig) -> targets_lib.TargetResolution:
+  """PEFT's matching rules on this model; logs what matched, raises when nothing does."""
+  return targets_lib.resolve_targets(config, module_kinds(model_config), model_config.model_type)
+
+
+def _module_spec(params, name: str, kind: str, model_config: LlamaConfig) -> ModuleSpec:
+  if name == "lm_head" and "lm_head.weight" not in params:  # tied head
+    return ModuleSpec(name, kind, base_array(params["model.embed_tokens.weight"]))
+  if name + ".weight" not in params:
+    raise ValueError(f"module {name!r} has no weight in the model params")
+  return ModuleSpec(name, kind, base_array(params[name + ".weight"]), params.get(name + ".bias"))
+
+
+def _adapter_dtype(spec: ModuleSpec, config):
+  """PEFT's ``autocast_adapter_dtype``: adapters created in the base dtype, then fp16/bf16 upcast to fp32."""
+  dtype = jnp.dtype(spec.weight.dtype)
+  if getattr(config, "autocast_adapter_dtype", True) and dtype in (jnp.bfloat16, jnp.float16):
+    return jnp.float32
+  return dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# init / apply / merge
+
+
+def init(key: Array, params, config, model_config: LlamaConfig):
+  """A fresh adapter at PEFT's initialisation.
+
+  Returns ``(adapter, params)``; ``params`` is the input unless the method rewrites the base at init
+  (PiSSA/OLoRA), in which case it holds the residual weights the adapter was built against.
+  """
+  method = get_method(config.peft_type)
+  resolution = resolve(config, model_config)
+  kinds = module_kinds(model_config)
+  adapter: Adapter = {}
+  params = dict(params)
+  keys = jax.random.split(key, len(resolution.targets) + 1)
+  for k, name in zip(keys[1:], resolution.targets):
+    spec = _module_spec(params, name, kinds[name], model_config)
+    tensors = method.init_module(k, spec, config)
+    dtype = _adapter_dtype(spec, config)
+    tensors = {t: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for t, v in tensors.items()}
+    if method.prepare_base is not None:
+      new_base = method.prepare_base(spec, tensors, config)
+      if new_base is not None:
+        params[name + ".weight"] = new_base.astype(spec.weight.dtype)
+    adapter[name] = tensors
+  if method.init_shared is not None:
+    shared = method.init_shared(keys[0], params, config, resolution.targets)
+    if shared:
+      adapter[SHARED] = shared
+  for name in resolution.modules_to_save:
+    spec = _module_spec(params, name, kinds[name], model_config)
+    copy = {"weight": jnp.array(spec.weight)}
+    if spec.bias is not None:
+      copy["bias"] = jnp.array(spec.bias)
+    adapter[name] = copy
+  logging.info("%s adapter: %d adapted modules, %d full copies, %d trainable parameters",
+               config.peft_type, len(resolution.targets), len(resolution.modules_to_save),
+               num_params(adapter))
+  return adapter, params
+
+
+def apply(params, adapter: Adapter, config, *, rng: Array | None = None):
+  """Params where every targeted module's entries are adapted (pure, jit-able; ``config`` is static).
+
+  Args:
+    params: base params (plain arrays).
+    adapter: the adapter pytree.
+    config: the method's config.
+    rng: a key for dropout (training); None evaluates without dropout.
+  """
+  method = get_method(config.peft_type)
+  out = dict(params)
+  shared = adapter.get(SHARED, {})
+  save = set(_modules_to_save(adapter, config))
+  names = [n for n in adapter if n != SHARED]
+  rngs = (jax.random.split(rng, len(names)) if rng is not None else [None] * len(names))
+  for r, name in zip(rngs, names):
+    tensors = adapter[name]
+    if name in save:
+      for suffix, value in tensors.items():
+        out[f"{name}.{suffix}"] = value
+      continue
+    kind = module_kind(name)
+    weight = params["model.embed_tokens.weight"] if (name == "lm_head" and "lm_head.weight" not in params) \
+        else params[name + ".weight"]
+    spec = ModuleSpec(name, kind, weight, params.get(name + ".bias"))
+    for suffix, entry in method.adapt_module(spec, tensors, config, shared, r).items():
+      out[f"{name}.{suffix}"] = entry
+  return out
+
+
+def module_kind(name: str) -> str:
+  """The kind of a targetable module from its Llama name (embeddings are the ``embed_tokens`` modules)."""
+  return "embedding" if name.endswith("embed_tokens") else "linear"
+
+
+def _modules_to_save(adapter, config):
+  names = config.modules_to_save or ()
+  return [n for n in adapter if n != SHARED and any(n.endswith(m) for m in names)]
+
+
+def materialize(params):
+  """Every adapted entry replaced by its merged plain array (``W + ΔW`` etc.)."""
+  return {k: (v.materialize() if hasattr(v, "materialize") else v) for k, v in params.items()}
+
+
+def merge(params, adapter: Adapter, config):
+  """Plain base-shaped params with the adapter merged in (PEFT's ``merge_and_unload``).
+
+  The input ``params`` are not modified: they remain the un-merged base (that is "disable" and
+  "unmerge" in a functional library).
+  """
+  merged = materialize(apply(params, adapter, config))
+  if "lm_head.weight" not in params and hasattr(params_entry := apply(params, adapter, config).get(
+      "model.embed_tokens.weight"), "materialize"):
+    merged["lm_head.weight"] = base_array(params_entry)  # a tied head keeps reading the base embedding
+  return {k: v.astype(params[k].dtype) if k in params else v for k, v in merged.items()}
+
+
+def unmerge(merged, adapter: Adapter, config):
+  """The base back from merged params, for additive methods (``W − ΔW``).
+
+  Multiplicative methods (DoRA, OFT, ...) and ``modules_to_save`` copies cannot be undone from the merged
+  weights alone: keep the base params (``merge`` never modifies them).
+  """
+  adapted = apply(merged, adapter, config)
+  save = set(_modules_to_save(adapter, config))
+  out = dict(merged)
+  for name in adapter:
+    if name == SHARED:
+      continue
+    entry = adapted.get(name + ".weight")
+    if name in save or not hasattr(entry, "delta"):
+      raise NotImplementedError(
+          f"{config.peft_type} on {name!r} cannot be unmerged from merged weights: keep the base params")
+    out[name + ".weight"] = (merged[name + ".weight"] - entry.delta()).astype(merged[name + ".weight"].dtype)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainable split and counts
+
+
+def trainable_mask(adapter: Adapter, config) -> Adapter:
+  """True for tensors the optimizer updates (everything but the method's ``frozen_tensors``)."""
+  frozen = set(get_method(config.peft_type).frozen_tensors)
+  return {m: {t: t not in frozen for t in ts} for m, ts in adapter.items()}
+
+
+def num_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PEFT state-dict keys
+
+
+def peft_key(module: str, tensor: str) -> str:
+  """``base_model.model.<module>.<tensor>``, or ``base_model.<tensor>`` for model-level tensors."""
+  return SHARED_PREFIX + tensor if module == SHARED else f"{PEFT_PREFIX}{module}.{tensor}"
+
+
+def to_state_dict(adapter: Adapter) -> dict[str, Array]:
+  return {peft_key(m, t): v for m, ts in adapter.items() for t, v in ts.items()}
+
+
+def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "state dict") -> Adapter:
+  """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise."""
+  expected = {peft_key(m, t): (m, t, v) for m, ts in like.items() for t, v in ts.items()}
+  missing = sorted(set(expected) - set(state))
+  unexpected = sorted(set(state) - set(expected))
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing {len(missing)} key(s), e.g. {missing[:4]}")
+    if unexpected:
+      parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
+    raise AdapterCheckpointError(f"{source}: does not match the adapter config: " + "; ".join(parts))
+  out: Adapter = {}
+  for key, (m, t, ref) in expected.items():
+    value = state[key]
+    if tuple(value.shape) != tuple(ref.shape):
+      raise AdapterCheckpointError(
+          f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(ref.shape)}")
+    out.setdefault(m, {})[t] = jnp.asarray(value, dtype=ref.dtype)
+  return out
+
+
+class AdapterCheckpointError(ValueError):
+  """An adapter checkpoint that does not fit its config or the model."""
