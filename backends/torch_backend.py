@@ -19,7 +19,7 @@ from backends.base import (
     is_full_finetuning,
     normalize_optimizer_type,
 )
-from backends.tiny import EMBEDDED_MODELS, resolve_embedded
+from jpeft.models.loading import resolve_source as _resolve_model_source
 
 _DTYPES = {
     "float32": torch.float32,
@@ -51,10 +51,8 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def resolve_source(source: str) -> str:
-    """Map an embedded-model registry name to its file; anything else is returned unchanged."""
-    if source.lower() in EMBEDDED_MODELS:
-        return resolve_embedded(source)
-    return source
+    """Map an embedded-model registry name to its converted local folder; anything else unchanged."""
+    return _resolve_model_source(source)
 
 
 class TorchBackend(Backend):
@@ -115,8 +113,10 @@ class TorchBackend(Backend):
         if self.is_peft:
             config = self.peft_config
             init = getattr(config, "init_lora_weights", None)
-            if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS) and self.source:
-                # These initialisations rewrite the base weights, which unloading does not undo.
+            rewrites_base = isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS)
+            if (rewrites_base or getattr(config, "modules_to_save", None)) and self.source:
+                # These initialisations rewrite the base weights, which unloading does not undo; and
+                # unloading a modules_to_save adapter leaves the trained copy in the base model.
                 self.load_base(self.source, dtype=self.dtype)
                 return self.model
             model = model.get_base_model() if config.is_prompt_learning else model.unload()

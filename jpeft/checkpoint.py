@@ -27,12 +27,16 @@ def _to_numpy(x) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(jax.device_get(x)))
 
 
-def save_pretrained(folder: str, adapter: core.Adapter, config) -> str:
-  """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's keys, metadata format=pt)."""
+def save_pretrained(folder: str, adapter: core.Adapter, config, params=None) -> str:
+  """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's keys, metadata format=pt).
+
+  With ``params``, the base embedding tables are saved too where PEFT saves them (an adapter on
+  ``embed_tokens``/``lm_head`` named in ``target_modules``).
+  """
   from safetensors.numpy import save_file
   os.makedirs(folder, exist_ok=True)
   config_lib.save_config(config, folder)
-  state = {k: _to_numpy(v) for k, v in core.to_state_dict(adapter).items()}
+  state = {k: _to_numpy(v) for k, v in core.to_state_dict(adapter, params, config).items()}
   if any(v.dtype == jnp.bfloat16 for v in state.values()):
     return _save_torch(folder, state)
   path = os.path.join(folder, ADAPTER_WEIGHTS)
@@ -75,7 +79,15 @@ def load_pretrained(folder: str, params, model_config: LlamaConfig, *, key=None)
   config = config_lib.load_config(folder)
   template, params = core.init(key if key is not None else jax.random.key(0), params, config, model_config)
   state = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
-  adapter = core.from_state_dict(state, template, source=os.path.join(folder, ADAPTER_WEIGHTS))
+  extra = core.embedding_base_layers(template, params, config)
+  adapter = core.from_state_dict(state, template, source=os.path.join(folder, ADAPTER_WEIGHTS), extra=extra)
+  params = dict(params)
+  for key in extra:  # PEFT loads saved embedding base layers into the base model
+    if key in state:
+      name = key[len(core.PEFT_PREFIX):].replace(".base_layer.weight", ".weight")
+      if name == "lm_head.weight" and name not in params:
+        name = "model.embed_tokens.weight"
+      params[name] = jnp.asarray(state[key], dtype=params[name].dtype)
   return config, adapter, params
 
 

@@ -261,13 +261,50 @@ def peft_key(module: str, tensor: str) -> str:
   return SHARED_PREFIX + tensor if module == SHARED else f"{PEFT_PREFIX}{module}.{tensor}"
 
 
-def to_state_dict(adapter: Adapter) -> dict[str, Array]:
-  return {peft_key(m, t): v for m, ts in adapter.items() for t, v in ts.items()}
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "state dict") -> Adapter:
-  """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise."""
+def embedding_base_layers(adapter: Adapter, params, config) -> dict[str, Array]:
+  """The base embedding tables PEFT saves next to an adapter that targets them.
+
+  PEFT's ``save_embedding_layers="auto"`` writes ``<module>.base_layer.weight`` for every adapted
+  embedding/head when ``target_modules`` names one (and loads it back into the base on load).
+  """
+  targets = config.target_modules
+  if not targets or not any(n in targets for n in EMBEDDING_LAYER_NAMES):
+    return {}
+  out = {}
+  for module in adapter:
+    if module in (SHARED, *_modules_to_save(adapter, config)):
+      continue
+    if module.split(".")[-1] in EMBEDDING_LAYER_NAMES:
+      weight = params.get(module + ".weight")
+      if weight is None and module == "lm_head":
+        weight = params["model.embed_tokens.weight"]
+      out[f"{PEFT_PREFIX}{module}.base_layer.weight"] = base_array(weight)
+  return out
+
+
+def to_state_dict(adapter: Adapter, params=None, config=None) -> dict[str, Array]:
+  """PEFT's saved keys for the adapter (plus the embedding base layers PEFT saves, given params+config)."""
+  state = {peft_key(m, t): v for m, ts in adapter.items() for t, v in ts.items()}
+  if params is not None and config is not None:
+    state.update(embedding_base_layers(adapter, params, config))
+  return state
+
+
+def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "state dict",
+                    extra: Mapping[str, Any] = ()) -> Adapter:
+  """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise.
+
+  ``extra``: further keys the file may hold (the embedding base layers), checked for shape and skipped.
+  """
   expected = {peft_key(m, t): (m, t, v) for m, ts in like.items() for t, v in ts.items()}
+  for key, ref in dict(extra).items():
+    if key in state and tuple(state[key].shape) != tuple(ref.shape):
+      raise AdapterCheckpointError(
+          f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has {tuple(ref.shape)}")
+  state = {k: v for k, v in state.items() if k not in dict(extra)}
   missing = sorted(set(expected) - set(state))
   unexpected = sorted(set(state) - set(expected))
   if missing or unexpected:

