@@ -21,26 +21,8 @@ import pytest
 from backends import get_backend
 from backends.tiny import make_batch, make_tiny_llama
 
-VOCAB = 256
-QV = ["q_proj", "v_proj"]
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from method_table import METHODS, VOCAB
 
-# name -> (adapter_config, optimizer kwargs for (d))
-METHODS = {
-    "lora": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV),
-    "lora-all-linear": dict(peft_type="LORA", r=4, lora_alpha=16, target_modules="all-linear"),
-    "rslora": dict(peft_type="LORA", r=8, lora_alpha=8, use_rslora=True, target_modules=ALL),
-    "dora": dict(peft_type="LORA", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "lora-init-false": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights=False, target_modules=QV),
-    "lora-gaussian": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=QV),
-    "lora-pissa": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=QV),
-    "lora-olora": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["o_proj", "up_proj"]),
-    "lora-embedding": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
-    "lora-patterns": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL,
-                          rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"o_proj": 3}),
-    "lora-modules-to-save": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV, modules_to_save=["lm_head"]),
-    "lora-layers": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1]),
-}
 OPTIMIZERS = {
     "adamw": dict(lr=1e-2, weight_decay=0.1, grad_norm_clip=1.0, optimizer_type="AdamW", lr_scheduler="cosine",
                   warmup_steps=3, total_steps=20),

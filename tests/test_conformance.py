@@ -1,0 +1,141 @@
+"""Properties every method in the library must have, checked on jpeft alone over ``method_table.METHODS``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from backends.tiny import make_batch, make_tiny_llama
+from jpeft import checkpoint, core, optim, train
+from jpeft import config as config_lib
+from jpeft.models import forward, load_model
+from method_table import IDENTITY_AT_INIT, METHODS, UNMERGEABLE, VOCAB
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def model(request, tmp_path_factory):
+  folder = make_tiny_llama(str(tmp_path_factory.mktemp(request.param)), initializer_range=0.1,
+                           tie_word_embeddings=request.param == "tied")
+  config, params = load_model(folder)
+  return config, params
+
+
+def _init(model, method, seed=0):
+  config, params = model
+  peft_config = config_lib.config_from_dict(METHODS[method])
+  adapter, adapted_base = core.init(jax.random.key(seed), params, peft_config, config)
+  return peft_config, adapter, adapted_base
+
+
+def _perturb(adapter, seed=0):
+  leaves, treedef = jax.tree_util.tree_flatten(adapter)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [x + 0.05 * (jnp.abs(x).mean() + 0.1) * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _logits(config, params, batch):
+  return np.asarray(forward(params, config, batch["input_ids"], batch["attention_mask"]))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_identity_at_init(model, method):
+  config, params = model
+  peft_config, adapter, base = _init(model, method)
+  b = make_batch(0, 2, 12, VOCAB)
+  diff = np.abs(_logits(config, core.apply(base, adapter, peft_config), b) - _logits(config, params, b)).max()
+  if method in IDENTITY_AT_INIT:
+    assert diff < 1e-5
+  else:
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_merge_equals_apply_and_base_is_kept(model, method):
+  config, params = model
+  peft_config, adapter, base = _init(model, method)
+  adapter = _perturb(adapter)
+  b = make_batch(1, 2, 12, VOCAB)
+  applied = _logits(config, core.apply(base, adapter, peft_config), b)
+  merged_params = core.merge(base, adapter, peft_config)
+  assert all(not hasattr(v, "matmul") for v in merged_params.values())
+  assert merged_params["model.layers.0.self_attn.q_proj.weight"].shape == params[
+      "model.layers.0.self_attn.q_proj.weight"].shape
+  np.testing.assert_allclose(_logits(config, merged_params, b), applied, atol=1e-5)
+  assert np.abs(applied - _logits(config, base, b)).max() > 1e-3  # disabled = the base params, unchanged
+  if method in UNMERGEABLE:
+    restored = core.unmerge(merged_params, adapter, peft_config)
+    for k in base:
+      np.testing.assert_allclose(np.asarray(restored[k]), np.asarray(base[k]), atol=1e-5)
+  else:
+    with pytest.raises(NotImplementedError):
+      core.unmerge(merged_params, adapter, peft_config)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_train_step_changes_only_the_adapter_and_compiles_once(model, method):
+  config, _ = model
+  peft_config, adapter, base = _init(model, method)
+  adapter = _perturb(adapter)
+  before_base = {k: np.array(v) for k, v in base.items()}
+  before_adapter = jax.tree_util.tree_map(np.array, adapter)
+  optimizer = optim.make_optimizer(adapter, peft_config, lr=1e-2)
+  step = train.make_train_step(config, peft_config, optimizer)
+  state = optimizer.init(adapter)
+  rng = jax.random.key(0)
+  for i in range(2):
+    b = {k: jnp.asarray(v) for k, v in make_batch(i, 2, 12, VOCAB).items()}
+    adapter, state, metrics = step(adapter, state, base, b, rng)
+  assert np.isfinite(float(metrics["loss"]))
+  assert step._cache_size() == 1  # the second step reused the first compile
+  for k, v in base.items():
+    np.testing.assert_array_equal(np.asarray(v), before_base[k], err_msg=k)  # the base is bit-identical
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), adapter, before_adapter)
+  assert all(jax.tree_util.tree_leaves(changed))
+
+
+def test_lorafa_keeps_a(model):
+  config, _ = model
+  peft_config, adapter, base = _init(model, "lora")
+  adapter = _perturb(adapter)
+  optimizer = optim.make_optimizer(adapter, peft_config, lr=1e-2, optimizer_type="lora-fa")
+  state = optimizer.init(adapter)
+  step = train.make_train_step(config, peft_config, optimizer, donate=False)
+  b = {k: jnp.asarray(v) for k, v in make_batch(0, 2, 12, VOCAB).items()}
+  new, _, _ = step(adapter, state, base, b, jax.random.key(0))
+  for m in adapter:
+    np.testing.assert_array_equal(np.asarray(new[m]["lora_A.weight"]), np.asarray(adapter[m]["lora_A.weight"]))
+    assert np.any(np.asarray(new[m]["lora_B.weight"]) != np.asarray(adapter[m]["lora_B.weight"]))
+
+
+def test_dropout_only_in_training(model):
+  config, _ = model
+  peft_config = config_lib.config_from_dict(dict(METHODS["lora"], lora_dropout=0.5))
+  adapter, base = core.init(jax.random.key(0), model[1], peft_config, config)
+  adapter = _perturb(adapter)
+  b = make_batch(0, 2, 12, VOCAB)
+  eval_a = _logits(config, core.apply(base, adapter, peft_config), b)
+  eval_b = _logits(config, core.apply(base, adapter, peft_config), b)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = _logits(config, core.apply(base, adapter, peft_config, rng=jax.random.key(1)), b)
+  assert np.abs(train_a - eval_a).max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lora-embedding", "lora-modules-to-save"])
+def test_merged_folder_loads_in_transformers(model, method, tmp_path):
+  config, _ = model
+  peft_config, adapter, base = _init(model, method)
+  adapter = _perturb(adapter)
+  merged = core.merge(base, adapter, peft_config)
+  checkpoint.save_merged_model(str(tmp_path), merged, config)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  b = make_batch(2, 2, 12, VOCAB)
+  pos = np.maximum(b["attention_mask"].cumsum(-1) - 1, 0)
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(b["input_ids"]).long(), attention_mask=torch.tensor(b["attention_mask"]),
+             position_ids=torch.tensor(pos).long()).logits.numpy()
+  mask = b["attention_mask"].astype(bool)
+  assert np.abs(ref - _logits(config, core.apply(base, adapter, peft_config), b))[mask].max() < 2e-5
