@@ -50,6 +50,7 @@ _IGNORED_KEYS = ("model_id", "dtype", "compile", "use_gc", "use_amp", "autocast_
 _IGNORED_OPTIMIZER_KWARGS = ("r", "lora_alpha")
 _OPTIMIZER_KWARGS = ("lr", "weight_decay", "betas", "eps", "loraplus_lr_ratio", "loraplus_lr_embedding",
                      "loraplus_weight_decay")
+TORCH_ADAMW_WEIGHT_DECAY = 0.01
 # Fields that change the data order or the optimisation: a checkpoint written under other values is refused.
 _RESUME_FIELDS = ("batch_size", "max_steps", "max_seq_length", "seed", "grad_norm_clip", "optimizer_type",
                   "optimizer_kwargs", "lr_scheduler", "warmup_steps", "query_template", "pad_multiple",
@@ -83,7 +84,9 @@ class TrainConfig:
     seed: adapter init ``key(seed)``, dropout ``key(seed + 1)``, data order ``seed + epoch``.
     grad_norm_clip: global-norm clipping (None or 0: off).
     optimizer_type: ``AdamW``, ``lora-fa`` or ``lora+``.
-    optimizer_kwargs: ``lr``, ``weight_decay`` and optionally ``betas``, ``eps``, ``loraplus_*``.
+    optimizer_kwargs: ``lr``, ``weight_decay`` and optionally ``betas``, ``eps``, ``loraplus_*``. For AdamW a
+      missing ``weight_decay`` is torch's default 0.01, as in PEFT's runs where an experiment's
+      ``optimizer_kwargs`` replace the defaults' whole dict.
     lr_scheduler: ``constant``, ``linear`` or ``cosine`` (to 0 at ``max_steps``).
     warmup_steps: linear warmup steps (PEFT's key ``warmup``/``warmup_steps``; 0 unless given).
     query_template: the prompt template.
@@ -278,8 +281,12 @@ class Trainer:
     step_fn = train_lib.make_train_step(model_config, peft_config, self.optimizer,
                                         compute_dtype=c.compute_dtype, donate=mesh is None)
     if mesh is None:
-      self.trainable = trainable
-      self.opt_state = jax.jit(self.optimizer.init)(trainable)
+      # everything committed to one device, as restored checkpoints are: fresh and resumed runs then
+      # lower to the same programs
+      self.device = jax.devices()[0]
+      self.params = jax.device_put(self.params, self.device)
+      self.trainable = jax.device_put(trainable, self.device)
+      self.opt_state = jax.device_put(jax.jit(self.optimizer.init)(self.trainable), self.device)
       self.train_step = step_fn
     else:
       self.params = sharding_lib.shard_params(self.params, mesh)
@@ -300,7 +307,7 @@ class Trainer:
                         sharding_lib.batch_sharding(mesh), repl),
           out_shardings=(self.trainable_shardings, self.opt_shardings, repl),
           donate_argnums=(0, 1))
-    self.rng = jax.random.key(c.seed + 1)
+    self.rng = self._place_rng(jax.random.key(c.seed + 1))
 
     # data
     self.train_examples = [
@@ -313,6 +320,11 @@ class Trainer:
         c.max_seq_length, multiple=c.pad_multiple, powers_of_two=c.pad_powers_of_two)
 
   # -- setup helpers -----------------------------------------------------------------------------------------
+  def _place_rng(self, key):
+    if self.mesh is not None:
+      return jax.device_put(key, sharding_lib.replicated(self.mesh))
+    return jax.device_put(key, self.device)
+
   def _count_trainable(self, trainable) -> int:
     if self.peft_config is None:
       return core.num_params(trainable)
@@ -334,6 +346,10 @@ class Trainer:
       given.setdefault("loraplus_weight_decay", given.get("weight_decay", 0.0))
     if kind in ("lora-fa", "lorafa"):
       given.setdefault("eps", 1e-6)  # PEFT's LoRA-FA default
+    if kind in ("adamw", "adam-w"):
+      # PEFT replaces the whole optimizer_kwargs dict of the defaults with an experiment's, and
+      # torch.optim.AdamW then decays with its own default
+      given.setdefault("weight_decay", TORCH_ADAMW_WEIGHT_DECAY)
     if kind not in ("lora+", "loraplus"):
       for key in ("loraplus_lr_ratio", "loraplus_lr_embedding", "loraplus_weight_decay"):
         given.pop(key, None)
@@ -363,7 +379,7 @@ class Trainer:
     tokens = int(batch["attention_mask"].sum())
     if self.mesh is not None:
       return sharding_lib.shard_batch(batch, self.mesh), length, tokens
-    return {k: jnp.asarray(v) for k, v in batch.items()}, length, tokens
+    return jax.device_put(batch, self.device), length, tokens
 
   def schedule(self, start_step: int = 0) -> list[list[int]]:
     c = self.config
@@ -456,7 +472,7 @@ class Trainer:
                        f"params: {[(k, saved[k], now[k]) for k in diff]}; use another checkpoint_dir")
     state = restored["state"]
     self.trainable, self.opt_state = state["trainable"], state["opt_state"]
-    self.rng = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
+    self.rng = self._place_rng(jax.random.wrap_key_data(state["rng"]))
     logging.info("resumed from %s at step %d", self.config.checkpoint_dir, step)
     return meta
 
@@ -481,7 +497,6 @@ class Trainer:
       compiled: set[int] = set()
       schedule = self.schedule(start)
       bar = _progress(c.max_steps, start, c.progress)
-      since_eval: list[float] = []
       next_batch = self.make_batch(schedule[0]) if schedule else None
       for i, step in enumerate(range(start, c.max_steps)):
         batch, length, tokens = next_batch
@@ -508,10 +523,9 @@ class Trainer:
             last = manager.latest_step()
           raise NonFiniteLossError(step, bad, last, log["losses"], what=what)
         log["losses"].append(loss)
-        since_eval.append(loss)
         if self.on_step is not None:
           self.on_step(step, loss, {"grad_norm": grad_norm, "padded_length": length, "tokens": tokens})
-        tok_s = log["timed_tokens"] / log["train_time_s"] if log["train_time_s"] > 0 else 0.0
+        tok_s = _rate(log) or 0.0
         if bar is not None:
           bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_at(step):.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
           bar.update(1)
@@ -522,11 +536,14 @@ class Trainer:
         if c.eval_steps and done % c.eval_steps == 0 and self.valid_records:
           t = time.perf_counter()
           acc, _ = self.evaluate(self.valid_records)
-          log["eval_time_s"] += time.perf_counter() - t
-          entry = {"step": done, "valid_accuracy": acc, "train_loss": float(np.mean(since_eval)),
-                   "train_time_s": log["train_time_s"], "elapsed_s": elapsed0 + time.perf_counter() - wall0}
+          eval_time = time.perf_counter() - t
+          log["eval_time_s"] += eval_time
+          prev = log["eval_metrics"][-1]["step"] if log["eval_metrics"] else 0
+          entry = {"step": done, "valid_accuracy": acc, "train_loss": float(np.mean(log["losses"][prev:done])),
+                   "train_samples": done * c.batch_size, "train_time_s": log["train_time_s"],
+                   "eval_time_s": eval_time, "tokens_per_s": _rate(log),
+                   "elapsed_s": elapsed0 + time.perf_counter() - wall0}
           log["eval_metrics"].append(entry)
-          since_eval = []
           logging.info("step %d: valid accuracy %.4f, train loss %.4f", done, acc, entry["train_loss"])
         if manager is not None and ((every and done % every == 0) or done == c.max_steps):
           t = time.perf_counter()
@@ -556,7 +573,7 @@ class Trainer:
         "eval_time_s": log["eval_time_s"],
         "checkpoint_time_s": log["checkpoint_time_s"],
         "elapsed_s": log["elapsed_s"],
-        "tokens_per_s": log["timed_tokens"] / log["train_time_s"] if log["train_time_s"] > 0 else None,
+        "tokens_per_s": _rate(log),
         "total_tokens": log["total_tokens"],
         "num_trainable_params": self.num_trainable_params,
         "padded_lengths": sorted(compiled),
@@ -564,6 +581,10 @@ class Trainer:
         "trainable": self.trainable,
         "opt_state": self.opt_state,
     }
+
+
+def _rate(log) -> float | None:
+  return log["timed_tokens"] / log["train_time_s"] if log["train_time_s"] > 0 else None
 
 
 def _progress(total: int, initial: int, enabled: bool):

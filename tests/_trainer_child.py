@@ -54,7 +54,7 @@ def make_model(seed: int = 0, vocab_size: int = VOCAB):
 
   from jpeft.models.llama import LlamaConfig, init_params
 
-  config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+  config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
                        bos_token_id=None, eos_token_id=0)
   return config, init_params(jax.random.key(seed), config, std=0.1)
@@ -81,7 +81,7 @@ def train_config(**overrides):
 
   base = dict(batch_size=2, batch_size_eval=2, max_steps=8, eval_steps=4, max_seq_length=256, seed=0,
               grad_norm_clip=1.0, optimizer_type="AdamW", optimizer_kwargs={"lr": 1e-2, "weight_decay": 0.1},
-              lr_scheduler="cosine", max_new_tokens=8, pad_multiple=128, progress=False, log_every=0)
+              lr_scheduler="cosine", max_new_tokens=8, pad_multiple=64, progress=False, log_every=0)
   base.update(overrides)
   return TrainConfig(**base)
 

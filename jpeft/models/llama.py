@@ -340,7 +340,7 @@ def forward(
   allowed = (k_index[None, None, :] <= q_index[None, :, None]) & key_valid[:, None, :]
 
   inv_freq = rope_inv_freq(c)
-  new_k, new_v = [], []
+  cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
   for i in range(c.num_hidden_layers):
     p = f"model.layers.{i}."
     h = rms_norm(x, params[p + "input_layernorm.weight"], c.rms_norm_eps)
@@ -350,12 +350,10 @@ def forward(
     q = rotary(q.reshape(b, t, c.num_attention_heads, c.head_dim), positions, inv_freq)
     k = rotary(k.reshape(b, t, c.num_key_value_heads, c.head_dim), positions, inv_freq)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
-    if cache is not None:
-      k_all = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k.dtype), (0, cache_index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v.dtype), (0, cache_index, 0, 0))
-      new_k.append(k_all)
-      new_v.append(v_all)
-      k, v = k_all.astype(dtype), v_all.astype(dtype)
+    if cache is not None:  # written in place into the (L, B, S, KV, D) buffers: no per-step copies
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], (i, 0, cache_index, 0, 0))
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], (i, 0, cache_index, 0, 0))
+      k, v = cache_k[i].astype(dtype), cache_v[i].astype(dtype)
     attn = _attention(q, k, v, allowed, dtype)
     x = x + linear(attn, params[p + "self_attn.o_proj.weight"], params.get(p + "self_attn.o_proj.bias"),
                    dtype)
@@ -371,7 +369,7 @@ def forward(
   logits = linear(x, head, params.get("lm_head.bias"), dtype).astype(jnp.float32)
   outputs = (logits,)
   if cache is not None:
-    outputs += (KVCache(jnp.stack(new_k), jnp.stack(new_v), valid),)
+    outputs += (KVCache(cache_k, cache_v, valid),)
   if return_hidden:
     outputs += (x,)
   return outputs[0] if len(outputs) == 1 else outputs

@@ -1,0 +1,227 @@
+"""The training loop: an end-to-end tiny run, resume after SIGKILL, NaN handling, bounded compiles."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import _trainer_child as setup
+from jpeft.trainer import NonFiniteLossError, TrainConfig, Trainer, batch_schedule
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model_config, params = setup.make_model()
+  train, valid, test = setup.make_data()
+  return model_config, params, setup.make_tokenizer(), train, valid, test
+
+
+def _host(tree):
+  return jax.tree_util.tree_map(lambda x: np.array(x), tree)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+  """The uninterrupted run of the child's configuration (lengths 161..298 pad to 192 or 256, capped)."""
+  model_config, params, tok, train, valid, test = tiny
+  before = _host(params)
+  trainer = Trainer(model_config, params, setup.lora_config(), tok, train, valid, test, setup.train_config())
+  expected_lengths = sorted({trainer.padded_length(b) for b in trainer.schedule()})
+  return trainer, trainer.run(), before, expected_lengths
+
+
+def test_tiny_run_end_to_end(tiny, reference):
+  model_config, params, tok, train, valid, test = tiny
+  trainer, result, before, expected_lengths = reference
+  cfg = trainer.config
+
+  for key in ("losses", "eval_metrics", "valid_accuracy", "test_accuracy", "train_time_s", "compile_time_s",
+              "tokens_per_s", "num_trainable_params", "trainable"):
+    assert key in result, key
+  assert len(result["losses"]) == cfg.max_steps
+  assert all(math.isfinite(x) for x in result["losses"])
+  assert [m["step"] for m in result["eval_metrics"]] == [4, 8]
+  for m in result["eval_metrics"]:
+    assert 0.0 <= m["valid_accuracy"] <= 1.0 and math.isfinite(m["train_loss"]) and m["elapsed_s"] > 0
+  assert 0.0 <= result["test_accuracy"] <= 1.0 and len(result["test_predictions"]) == len(test)
+  assert result["compile_time_s"] > 0 and result["train_time_s"] > 0 and result["tokens_per_s"] > 0
+  # r=4 LoRA on q (32x32), v (16x32), down (32x64) in the one layer
+  assert result["num_trainable_params"] == 4 * ((32 + 32) + (32 + 16) + (64 + 32))
+  assert set(result["trainable"]) == {f"model.layers.{i}.{m}" for i in range(1)
+                                      for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+  # the adapter trained, the base did not move
+  assert any(np.abs(np.asarray(ts["lora_B.weight"])).max() > 0 for ts in result["trainable"].values())
+  after = _host(params)
+  for name in before:
+    np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+  # one compile per padded length
+  assert len(expected_lengths) == 2
+  assert result["padded_lengths"] == expected_lengths
+  assert trainer.train_step._cache_size() == len(expected_lengths)
+
+
+def test_batch_schedule_is_a_function_of_seed_and_lengths():
+  lengths = [5, 9, 3, 7, 1, 8, 2, 4, 6]
+  a = batch_schedule(lengths, 2, 12, seed=3, bucket_factor=1)
+  assert a == batch_schedule(lengths, 2, 12, seed=3, bucket_factor=1)
+  assert a[4:] == batch_schedule(lengths, 2, 12, seed=3, bucket_factor=1, start_step=4)
+  assert a != batch_schedule(lengths, 2, 12, seed=4, bucket_factor=1)
+  assert a[:5] != a[5:10]  # each epoch has its own order
+  assert sorted(i for b in a[:5] for i in b) == list(range(9))  # one epoch = every example once
+
+
+def test_from_dict_reads_peft_training_params():
+  params = {"model_id": "meta-llama/Llama-3.2-3B", "dtype": "bfloat16", "max_seq_length": 768, "batch_size": 4,
+            "batch_size_eval": 50, "max_steps": 5000, "eval_steps": 250, "compile": False, "use_gc": False,
+            "seed": 0, "grad_norm_clip": 1.0, "optimizer_type": "AdamW",
+            "optimizer_kwargs": {"lr": 1e-4, "weight_decay": 0.1}, "lr_scheduler": "cosine", "use_amp": False,
+            "autocast_adapter_dtype": True, "attn_implementation": None,
+            "generation_kwargs": {"max_length": 800, "max_new_tokens": 300},
+            "query_template": "Question: {query} Think step by step.\nAnswer:", "init_kv_cache_prefix": None}
+  cfg = TrainConfig.from_dict(params, max_steps=10)
+  assert (cfg.batch_size, cfg.max_steps, cfg.max_new_tokens, cfg.warmup_steps) == (4, 10, 300, 0)
+  with pytest.raises(ValueError, match="unknown training params"):
+    TrainConfig.from_dict({"batch_sise": 4})
+
+
+def _read_losses(path):
+  """{step: loss} from the child's file (a later line for a step wins); a torn last line is skipped."""
+  out, resumed = {}, None
+  with open(path) as f:
+    text = f.read()
+  for line in text.split("\n")[:-1]:
+    a, b = line.split()
+    if a == "resumed":
+      resumed = int(b)
+    else:
+      out[int(a)] = float(b)
+  return out, resumed
+
+
+def _child(out_dir, *args):
+  # both children share a persistent compilation cache: the restarted one reuses the first one's executables
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=os.path.join(str(out_dir), "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return subprocess.Popen([sys.executable, os.path.join(HERE, "_trainer_child.py"), str(out_dir), *args],
+                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
+  _, reference, _, _ = reference
+  steps = 8
+
+  losses_file = tmp_path / "losses.txt"
+  proc = _child(tmp_path, "--steps", str(steps), "--checkpoint_every", "2")
+  deadline = time.time() + 120
+  try:
+    while True:
+      if losses_file.exists() and 5 in _read_losses(losses_file)[0]:
+        break
+      if proc.poll() is not None:
+        pytest.fail(f"the child ended before step 5: {proc.stderr.read().decode()[-3000:]}")
+      if time.time() > deadline:
+        pytest.fail("the child did not reach step 5 in time")
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  first, _ = _read_losses(losses_file)
+  assert not (tmp_path / "result.json").exists()
+  written_before_kill = max(first)
+
+  proc = _child(tmp_path, "--steps", str(steps), "--checkpoint_every", "2")
+  _, err = proc.communicate(timeout=180)
+  assert proc.returncode == 0, err.decode()[-3000:]
+  combined, resumed = _read_losses(losses_file)
+  result = json.loads((tmp_path / "result.json").read_text())
+
+  # resumed from a checkpoint written before the kill, not from scratch
+  assert resumed is not None and resumed > 0 and resumed % 2 == 0 and resumed <= written_before_kill + 1
+  assert result["resumed_from"] == resumed
+  assert sorted(combined) == list(range(steps))
+  np.testing.assert_allclose([combined[i] for i in range(steps)], reference["losses"], rtol=1e-6, atol=0)
+  # the restored run carries the whole loss log and the earlier evaluations
+  np.testing.assert_allclose(result["losses"], reference["losses"], rtol=1e-6, atol=0)
+  assert [m["step"] for m in result["eval_metrics"]] == [m["step"] for m in reference["eval_metrics"]]
+
+
+def _checkpoints(folder):
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(str(folder), options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    steps = sorted(mngr.all_steps())
+    meta = None
+    if steps:
+      meta = mngr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return steps, meta
+
+
+def test_nan_loss_from_huge_lr_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+  # full fine-tuning at lr=1e30: the first update blows the weights up, the next loss is NaN
+  model_config, params, tok, train, valid, test = tiny
+  before = _host(params)
+  cfg = setup.train_config(max_steps=6, eval_steps=None, optimizer_kwargs={"lr": 1e30},
+                           checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1)
+  trainer = Trainer(model_config, params, None, tok, train, None, None, cfg)
+  with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step \d+") as info:
+    trainer.run()
+  err = info.value
+  steps, meta = _checkpoints(tmp_path / "ckpt")
+  assert steps and steps[-1] == err.last_checkpoint_step == err.step
+  assert f"checkpoint is step {err.last_checkpoint_step}" in str(err)
+  assert all(math.isfinite(x) for x in meta["losses"]) and len(meta["losses"]) == steps[-1]
+  assert len(err.losses) == err.step
+  for name in before:  # full fine-tuning trains a copy
+    np.testing.assert_array_equal(before[name], np.asarray(params[name]), err_msg=name)
+
+
+def test_poisoned_step_raises_and_leaves_the_last_good_checkpoint(tiny, tmp_path):
+  model_config, params, tok, train, valid, test = tiny
+  cfg = setup.train_config(max_steps=8, eval_steps=None, checkpoint_dir=str(tmp_path / "ckpt"),
+                           checkpoint_every=2, async_checkpointing=False)
+  holder = {}
+
+  def poison(step, loss, metrics):
+    if step == 2:  # the state after step 2 turns NaN: step 3's loss is NaN, before the save at 4
+      t = holder["trainer"]
+      t.trainable = jax.tree_util.tree_map(lambda x: x * np.float32("nan"), t.trainable)
+
+  trainer = holder["trainer"] = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train,
+                                        None, None, cfg, on_step=poison)
+  with pytest.raises(NonFiniteLossError) as info:
+    trainer.run()
+  assert info.value.step == 3 and info.value.last_checkpoint_step == 2
+  assert "at step 3" in str(info.value) and "checkpoint is step 2" in str(info.value)
+  steps, meta = _checkpoints(tmp_path / "ckpt")
+  assert steps == [2] and len(meta["losses"]) == 2
+
+
+def test_non_finite_state_is_never_saved(tiny, tmp_path):
+  model_config, params, tok, train, valid, test = tiny
+  cfg = setup.train_config(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+  trainer = Trainer(model_config, params, setup.lora_config(), tok, train, None, None, cfg)
+  log = {"losses": [1.0, 1.0]}
+  manager = trainer._manager()
+  try:
+    trainer._save(manager, 2, log)
+    manager.wait_until_finished()
+    trainer.trainable = jax.tree_util.tree_map(lambda x: x * np.float32("nan"), trainer.trainable)
+    with pytest.raises(NonFiniteLossError, match="trainable parameters") as info:
+      trainer._save(manager, 4, dict(log, losses=[1.0] * 4))
+    assert info.value.last_checkpoint_step == 2
+  finally:
+    manager.close()
+  assert _checkpoints(tmp_path / "ckpt")[0] == [2]
