@@ -122,25 +122,24 @@ def _base_key(module: str, params_shardings: Mapping[str, Any]) -> str | None:
 def _follow(tensor: str, shape: tuple[int, ...], base_shape: tuple[int, ...] | None) -> list[int | None]:
   """For each dim of an adapter tensor, the base dim (0 = out, 1 = in) whose sharding it takes, or None."""
   ndim = len(shape)
+  if ndim == 2:
+    if "embedding_A" in tensor:       # (r, V) of an embedding table (V, H)
+      return [None, 0]
+    if "embedding_B" in tensor:       # (H, r)
+      return [1, None]
+    if "_A" in tensor:                # lora_A (r, in)
+      return [None, 1]
+    if "_B" in tensor:                # lora_B (out, r)
+      return [0, None]
   if base_shape is not None and shape == base_shape:
     return list(range(ndim))  # a full copy (modules_to_save) or a same-shaped delta
   if ndim == 1:
     if base_shape is None or shape[0] == base_shape[0]:
       return [0]
     return [1] if shape[0] == base_shape[-1] else [None]
-  if ndim != 2:
-    return [None] * ndim
-  if "embedding_A" in tensor:       # (r, V) of an embedding table (V, H)
-    return [None, 0]
-  if "embedding_B" in tensor:       # (H, r)
-    return [1, None]
-  if "_A" in tensor or tensor.startswith("A"):   # (r, in)
-    return [None, 1]
-  if "_B" in tensor or tensor.startswith("B"):   # (out, r)
-    return [0, None]
-  if base_shape is not None:
+  if ndim == 2 and base_shape is not None:
     return [0 if shape[0] == base_shape[0] else None, 1 if shape[1] == base_shape[1] else None]
-  return [None, None]
+  return [None] * ndim
 
 
 def adapter_shardings(adapter: Mapping[str, Mapping[str, Any]], params_shardings: Mapping[str, Any],

@@ -221,15 +221,39 @@ def batch_schedule(lengths: Sequence[int], batch_size: int, num_steps: int, *, s
 # helpers
 
 
+def optimizer_kwargs(c: TrainConfig) -> dict:
+  """The keyword arguments of ``jpeft.optim.make_optimizer`` for these training params."""
+  given = dict(c.optimizer_kwargs or {})
+  for key in _IGNORED_OPTIMIZER_KWARGS:
+    given.pop(key, None)
+  unknown = sorted(set(given) - set(_OPTIMIZER_KWARGS))
+  if unknown:
+    raise ValueError(f"unsupported optimizer_kwargs {unknown}; supported: {list(_OPTIMIZER_KWARGS)}")
+  if "lr" not in given:
+    raise ValueError("optimizer_kwargs needs 'lr'")
+  kind = c.optimizer_type.lower().replace("_", "-")
+  if kind in ("lora+", "loraplus"):
+    given.setdefault("loraplus_weight_decay", given.get("weight_decay", 0.0))
+  if kind in ("lora-fa", "lorafa"):
+    given.setdefault("eps", 1e-6)  # PEFT's LoRA-FA default
+  if kind in ("adamw", "adam-w"):
+    # PEFT replaces the whole optimizer_kwargs dict of the defaults with an experiment's, and
+    # torch.optim.AdamW then decays with its own default
+    given.setdefault("weight_decay", TORCH_ADAMW_WEIGHT_DECAY)
+  if kind not in ("lora+", "loraplus"):
+    for key in ("loraplus_lr_ratio", "loraplus_lr_embedding", "loraplus_weight_decay"):
+      given.pop(key, None)
+  if "betas" in given:
+    given["betas"] = tuple(given["betas"])
+  return dict(given, optimizer_type=c.optimizer_type, grad_norm_clip=c.grad_norm_clip or None,
+              lr_scheduler=c.lr_scheduler, warmup_steps=c.warmup_steps, total_steps=max(c.max_steps, 1))
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def _host_state(tree):
-  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 class Trainer:
@@ -277,7 +301,7 @@ class Trainer:
       trainable, self.params = core.init(jax.random.key(c.seed), params, peft_config, model_config)
     self.num_trainable_params = self._count_trainable(trainable)
 
-    self.optimizer = optim.make_optimizer(trainable, peft_config, **self._optimizer_kwargs())
+    self.optimizer = optim.make_optimizer(trainable, peft_config, **optimizer_kwargs(c))
     step_fn = train_lib.make_train_step(model_config, peft_config, self.optimizer,
                                         compute_dtype=c.compute_dtype, donate=mesh is None)
     if mesh is None:
@@ -330,33 +354,6 @@ class Trainer:
       return core.num_params(trainable)
     mask = core.trainable_mask(trainable, self.peft_config)
     return int(sum(v.size for m, ts in trainable.items() for t, v in ts.items() if mask[m][t]))
-
-  def _optimizer_kwargs(self) -> dict:
-    c = self.config
-    given = dict(c.optimizer_kwargs or {})
-    for key in _IGNORED_OPTIMIZER_KWARGS:
-      given.pop(key, None)
-    unknown = sorted(set(given) - set(_OPTIMIZER_KWARGS))
-    if unknown:
-      raise ValueError(f"unsupported optimizer_kwargs {unknown}; supported: {list(_OPTIMIZER_KWARGS)}")
-    if "lr" not in given:
-      raise ValueError("optimizer_kwargs needs 'lr'")
-    kind = c.optimizer_type.lower().replace("_", "-")
-    if kind in ("lora+", "loraplus"):
-      given.setdefault("loraplus_weight_decay", given.get("weight_decay", 0.0))
-    if kind in ("lora-fa", "lorafa"):
-      given.setdefault("eps", 1e-6)  # PEFT's LoRA-FA default
-    if kind in ("adamw", "adam-w"):
-      # PEFT replaces the whole optimizer_kwargs dict of the defaults with an experiment's, and
-      # torch.optim.AdamW then decays with its own default
-      given.setdefault("weight_decay", TORCH_ADAMW_WEIGHT_DECAY)
-    if kind not in ("lora+", "loraplus"):
-      for key in ("loraplus_lr_ratio", "loraplus_lr_embedding", "loraplus_weight_decay"):
-        given.pop(key, None)
-    if "betas" in given:
-      given["betas"] = tuple(given["betas"])
-    return dict(given, optimizer_type=c.optimizer_type, grad_norm_clip=c.grad_norm_clip or None,
-                lr_scheduler=c.lr_scheduler, warmup_steps=c.warmup_steps, total_steps=max(c.max_steps, 1))
 
   def lr_at(self, step: int) -> float:
     c = self.config

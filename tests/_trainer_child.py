@@ -2,7 +2,7 @@
 
 ``python tests/_trainer_child.py OUT_DIR [--steps N] [--checkpoint_every K]`` trains the tiny setup with
 checkpoints in ``OUT_DIR/ckpt`` and appends ``"<step> <loss>"`` lines to ``OUT_DIR/losses.txt`` as it goes
-(``"resumed <step>"`` first when it continues from a checkpoint); the final result goes to
+(and ``"resumed <step>"`` at the end when it continued from a checkpoint); the final result goes to
 ``OUT_DIR/result.json``. Everything is built from fixed seeds, with no torch or transformers import.
 """
 

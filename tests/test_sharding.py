@@ -45,6 +45,15 @@ def _child(out_dir: str) -> None:
   tok = setup.make_tokenizer()
   train, _, _ = setup.make_data()
   report["param_specs"] = {k: _spec(s) for k, s in sharding.param_shardings(params, mesh).items()}
+  placed = sharding.shard_params(params, mesh)
+  z = np.zeros
+  synthetic = {"model.embed_tokens": {"lora_embedding_A": z((4, 320)), "lora_embedding_B": z((32, 4))},
+               "lm_head": {"weight": z((320, 32))},
+               "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": z(32), "lora_A.weight": z((4, 32))},
+               "model.layers.0.mlp.down_proj": {"hada_w1_b": z((4, 64)), "other": z((3, 5))},
+               "__shared__": {"vera_A": z((4, 64))}}
+  report["synthetic_specs"] = {m: {t: _spec(v) for t, v in ts.items()}
+                               for m, ts in sharding.adapter_shardings(synthetic, placed, mesh).items()}
 
   def config(**kw):  # every example is longer than 128 tokens: one padded length
     return setup.train_config(batch_size=4, max_steps=STEPS, eval_steps=None, max_seq_length=128, **kw)
@@ -108,6 +117,12 @@ def test_mesh_training_matches_one_device_and_adapters_follow_base(tmp_path):
   assert p["model.embed_tokens.weight"] == ["fsdp"]                        # (320, 32)
   assert p["model.norm.weight"] == []
   assert r["params_placed_specs"] == p
+  assert r["synthetic_specs"] == {
+      "model.embed_tokens": {"lora_embedding_A": [None, "fsdp"], "lora_embedding_B": []},
+      "lm_head": {"weight": ["fsdp"]},                      # a modules_to_save copy: the base's own sharding
+      "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": ["fsdp"], "lora_A.weight": []},
+      "model.layers.0.mlp.down_proj": {"hada_w1_b": [None, "fsdp"], "other": []},
+      "__shared__": {"vera_A": []}}
 
   # adapters follow their base: lora_B (out, r) takes the out-dim axis, lora_A (r, in) the in-dim axis
   for specs in (r["adapter_specs"], r["final_adapter_specs"]):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import _trainer_child as setup
-from jpeft.trainer import NonFiniteLossError, TrainConfig, Trainer, batch_schedule
+from jpeft.trainer import NonFiniteLossError, TrainConfig, Trainer, batch_schedule, optimizer_kwargs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -90,8 +90,16 @@ def test_from_dict_reads_peft_training_params():
             "query_template": "Question: {query} Think step by step.\nAnswer:", "init_kv_cache_prefix": None}
   cfg = TrainConfig.from_dict(params, max_steps=10)
   assert (cfg.batch_size, cfg.max_steps, cfg.max_new_tokens, cfg.warmup_steps) == (4, 10, 300, 0)
+  assert optimizer_kwargs(cfg)["weight_decay"] == 0.1
+  # an experiment's optimizer_kwargs replace the defaults' dict in PEFT: torch's AdamW decay applies
+  cfg = TrainConfig.from_dict(dict(params, optimizer_kwargs={"lr": 1e-3}))
+  assert optimizer_kwargs(cfg)["weight_decay"] == 0.01
+  cfg = TrainConfig.from_dict(dict(params, optimizer_type="lora-fa", optimizer_kwargs={"r": 32, "lr": 1e-4}))
+  assert optimizer_kwargs(cfg)["eps"] == 1e-6 and "r" not in optimizer_kwargs(cfg)
   with pytest.raises(ValueError, match="unknown training params"):
     TrainConfig.from_dict({"batch_sise": 4})
+  with pytest.raises(ValueError, match="unsupported optimizer_kwargs"):
+    optimizer_kwargs(TrainConfig(optimizer_kwargs={"lr": 1e-3, "momentum": 0.9}))
 
 
 def _read_losses(path):
@@ -170,13 +178,13 @@ def _checkpoints(folder):
 
 
 def test_nan_loss_from_huge_lr_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
-  # full fine-tuning at lr=1e30: the first update blows the weights up, the next loss is NaN
+  # full fine-tuning at lr=1e30: the first update blows the weights up, the next loss or gradient is NaN
   model_config, params, tok, train, valid, test = tiny
   before = _host(params)
   cfg = setup.train_config(max_steps=6, eval_steps=None, optimizer_kwargs={"lr": 1e30},
                            checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1)
   trainer = Trainer(model_config, params, None, tok, train, None, None, cfg)
-  with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step \d+") as info:
+  with pytest.raises(NonFiniteLossError, match=r"non-finite (loss|gradient norm) \(nan\) at step \d+") as info:
     trainer.run()
   err = info.value
   steps, meta = _checkpoints(tmp_path / "ckpt")
