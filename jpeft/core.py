@@ -131,6 +131,11 @@ def init(key: Array, params, config, model_config: LlamaConfig):
   method = get_method(config.peft_type)
   resolution = resolve(config, model_config)
   kinds = module_kinds(model_config)
+  bias = getattr(config, "bias", "none")
+  if bias != "none" and any(k.endswith(".bias") for k in params):
+    # On a model without biases (the usual Llama) PEFT's bias="all"/"lora_only" trains and saves nothing.
+    raise config_lib.UnsupportedConfigError(
+        f"bias={bias!r} on a model with bias tensors is not supported yet (use bias='none')")
   adapter: Adapter = {}
   params = dict(params)
   keys = jax.random.split(key, len(resolution.targets) + 1)

@@ -104,3 +104,10 @@ def test_nonpositive_rank():
 def test_unsupported_field_is_named():
   with pytest.raises(config_lib.UnsupportedConfigError, match="use_bdlora"):
     config_lib.config_from_dict(dict(peft_type="LORA", target_modules=["q_proj"], use_bdlora={"nblocks": 2}))
+
+
+def test_bias_training_on_a_biased_model_is_refused(tmp_path):
+  config, params = load_model(make_tiny_llama(str(tmp_path / "b"), attention_bias=True))
+  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", target_modules=["q_proj"], bias="all"))
+  with pytest.raises(config_lib.UnsupportedConfigError, match="bias='all'"):
+    core.init(jax.random.key(0), params, peft_config, config)
