@@ -27,7 +27,7 @@ from jpeft.config import (
     save_config,
 )
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402
 
 
 def _peft_default(f):

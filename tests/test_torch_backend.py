@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
+import torch  # noqa: E402
+import peft  # noqa: E402,F401
+import transformers  # noqa: E402,F401
 
 from backends import get_backend  # noqa: E402
 from backends.tiny import make_batch, make_tiny_llama  # noqa: E402
