@@ -16,7 +16,7 @@ from jpeft import core
 from jpeft.models.llama import LlamaConfig, causal_lm_loss, forward
 
 
-def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=None) -> Callable:
+def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=None, remat: bool = False) -> Callable:
   """``loss(trainable, params, batch, rng) -> (loss, n_tokens)``.
 
   ``trainable`` is the adapter, or the full params when ``peft_config`` is None (full fine-tuning, in which
@@ -29,7 +29,7 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
     else:
       model_params = core.apply(params, trainable, peft_config, rng=rng)
     logits = forward(model_params, model_config, batch["input_ids"], batch["attention_mask"],
-                     compute_dtype=compute_dtype)
+                     compute_dtype=compute_dtype, remat=remat)
     return causal_lm_loss(logits, batch["labels"])
 
   return loss_fn
@@ -48,12 +48,13 @@ def make_grad_fn(model_config, peft_config=None, *, compute_dtype=None):
 
 
 def make_train_step(model_config, peft_config, optimizer: optax.GradientTransformation, *,
-                    compute_dtype=None, donate: bool = True):
+                    compute_dtype=None, donate: bool = True, remat: bool = False):
   """Jitted ``(trainable, opt_state, params, batch, rng) -> (trainable, opt_state, metrics)``.
 
   ``metrics`` holds the loss (before the update), the number of loss tokens and the gradient norm.
+  ``remat`` recomputes each decoder layer in the backward pass instead of keeping its activations.
   """
-  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype)
+  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype, remat=remat)
 
   def step(trainable, opt_state, params, batch, rng):
     (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, rng)

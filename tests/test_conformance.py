@@ -139,3 +139,16 @@ def test_merged_folder_loads_in_transformers(model, method, tmp_path):
              position_ids=torch.tensor(pos).long()).logits.numpy()
   mask = b["attention_mask"].astype(bool)
   assert np.abs(ref - _logits(config, core.apply(base, adapter, peft_config), b))[mask].max() < 2e-5
+
+
+def test_remat_gives_the_same_loss_and_gradients(model):
+  config, _ = model
+  peft_config, adapter, base = _init(model, "dora")
+  adapter = _perturb(adapter)
+  b = {k: jnp.asarray(v) for k, v in make_batch(3, 2, 12, VOCAB).items()}
+  plain = train.make_grad_fn(config, peft_config)(adapter, base, b)
+  loss_fn = train.make_loss_fn(config, peft_config, remat=True)
+  remat = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, base, b)[0]))(adapter)
+  np.testing.assert_allclose(float(plain[0]), float(remat[0]), rtol=1e-6)
+  for x, y in zip(jax.tree_util.tree_leaves(plain[1]), jax.tree_util.tree_leaves(remat[1])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)

@@ -29,6 +29,7 @@ flags.DEFINE_integer("seq", 128, "sequence length (train) / prompt length (gener
 flags.DEFINE_integer("new_tokens", 64, "new tokens per sequence (generate)")
 flags.DEFINE_integer("reps", 5, "timed repetitions")
 flags.DEFINE_integer("rank", 32, "LoRA rank (train_lora)")
+flags.DEFINE_bool("remat", False, "jpeft: rematerialise decoder layers in the backward pass")
 FLAGS = flags.FLAGS
 
 LORA = lambda r: dict(peft_type="LORA", r=r, lora_alpha=2 * r, target_modules="all-linear")  # noqa: E731
@@ -81,7 +82,7 @@ def _worker_jax():
       trainable, params = params, {}
     opt = optim.make_optimizer(trainable, peft_config, lr=1e-4, weight_decay=0.1, grad_norm_clip=1.0)
     state = opt.init(trainable)
-    step = train.make_train_step(config, peft_config, opt)
+    step = train.make_train_step(config, peft_config, opt, remat=FLAGS.remat)
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels)}
     rng = jax.random.key(0)
     t0 = time.perf_counter()
@@ -180,7 +181,7 @@ def main(argv):
   what = {"generate": f"generation, batch {FLAGS.batch}, prompt {FLAGS.seq}, {FLAGS.new_tokens} new tokens",
           "train_full": f"full fine-tuning step, batch {FLAGS.batch}x{FLAGS.seq}",
           "train_lora": f"LoRA r{FLAGS.rank} all-linear step, batch {FLAGS.batch}x{FLAGS.seq}"}[FLAGS.task]
-  print(f"\n{what} on {FLAGS.model} ({j['device']})")
+  print(f"\n{what} on {FLAGS.model} ({j['device']}){' jpeft with remat' if FLAGS.remat else ''}")
   print(f"  tokens/s   jpeft {j['tokens_per_s']:.1f}   reference {t['tokens_per_s']:.1f}   "
         f"ratio {j['tokens_per_s'] / t['tokens_per_s']:.2f}x")
   print(f"  peak mem   jpeft {j['peak_bytes'] / 2**20:.0f} MiB   reference {t['peak_bytes'] / 2**20:.0f} MiB   "

@@ -60,7 +60,7 @@ def embedded_model_folder(name: str) -> str:
   gguf = embedded_model_path(name)
   folder = os.path.join(cache_dir(), name)
   stamp = os.path.join(folder, ".source")
-  source_id = f"{gguf}:{os.path.getsize(gguf)}"
+  source_id = f"{os.path.basename(gguf)}:{os.path.getsize(gguf)}"
   if os.path.exists(stamp) and open(stamp).read() == source_id:
     return folder
   import transformers

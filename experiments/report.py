@@ -1,0 +1,209 @@
+"""The comparison table and the Pareto plot over all result files.
+
+    python -m experiments.report [--results_dir=experiments/results] [--out=experiments/results/README.md]
+
+Reads every ``*.json`` result in ``--results_dir`` (this runner's files, and PEFT's own result files, whose
+missing fields show as ``-``), prints a markdown table, writes it to ``--out``, and draws test accuracy against
+peak memory (marker size: checkpoint size; marker shape and colour: backend; the Pareto front: no other run
+has both less memory and a higher accuracy) to ``--plot``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from typing import Any, Sequence
+
+from absl import app, flags
+
+from experiments import common
+
+COLUMNS = ("method", "name", "backend", "test acc", "valid acc", "peak mem (MiB)", "train time (s)",
+           "compile (s)", "tokens/s", "ckpt size (MB)", "trainable params", "forgetting Δ",
+           "gen overhead unmerged", "gen overhead merged")
+_BACKEND_STYLE = {"jax": ("o", "tab:blue"), "torch": ("s", "tab:orange")}
+_OTHER_STYLE = ("^", "tab:gray")
+
+
+def _last(metrics: Sequence[dict], key: str):
+  for entry in reversed(metrics or []):
+    if entry.get(key) is not None:
+      return entry[key]
+  return None
+
+
+def summarize(result: dict, filename: str = "") -> dict:
+  """The report row of one result file (this runner's or PEFT's)."""
+  run, info = result.get("run_info", {}), result.get("train_info", {})
+  metrics = info.get("metrics") or []
+  experiment = run.get("experiment_name") or os.path.basename(filename).rsplit(".", 1)[0].replace("--", "/", 1)
+  method, _, name = experiment.partition("/")
+  backend = run.get("backend")
+  if backend is None:  # a PEFT result file
+    stem = os.path.basename(filename).rsplit(".", 1)[0]
+    backend = stem.split("--")[2] if stem.count("--") >= 2 else "peft"
+  forgetting = info.get("forgetting")
+  forgetting_delta = forgetting.get("delta") if isinstance(forgetting, dict) else _last(metrics, "forgetting")
+  inference = info.get("inference") or {}
+  test_acc = info.get("test_accuracy", _last(metrics, "test accuracy"))
+  return {
+      "method": method, "name": name, "backend": backend,
+      "test_accuracy": test_acc,
+      "valid_accuracy": info.get("valid_accuracy", _last(metrics, "valid accuracy")),
+      "peak_memory_bytes": info.get("peak_memory_bytes", info.get("accelerator_memory_max")),
+      "train_time": info.get("train_time"),
+      "compile_time": info.get("compile_time"),
+      "tokens_per_sec": info.get("tokens_per_sec", _last(metrics, "tokens / sec")),
+      "file_size": info.get("file_size"),
+      "file_size_estimated": bool(info.get("file_size_estimated")),
+      "num_trainable_params": info.get("num_trainable_params"),
+      "forgetting_delta": forgetting_delta,
+      "unmerged_overhead": inference.get("unmerged_overhead"),
+      "merged_overhead": inference.get("merged_overhead"),
+      "status": info.get("status"),
+      "file": filename,
+  }
+
+
+def load_rows(results_dir: str) -> list[dict]:
+  rows = []
+  for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    try:
+      with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      continue
+    if not isinstance(result, dict) or "train_info" not in result:
+      continue
+    rows.append(summarize(result, path))
+  rows.sort(key=lambda r: (r["method"], r["name"], r["backend"]))
+  return rows
+
+
+def _num(value, fmt: str, scale: float = 1.0) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "-"
+  return format(value / scale, fmt)
+
+
+def _pct(value) -> str:
+  return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+  for r in rows:
+    size = _num(r["file_size"], ".2f", 1e6) + ("~" if r["file_size_estimated"] and r["file_size"] else "")
+    cells = [r["method"], r["name"], r["backend"], _num(r["test_accuracy"], ".3f"),
+             _num(r["valid_accuracy"], ".3f"), _num(r["peak_memory_bytes"], ".0f", 2**20),
+             _num(r["train_time"], ".1f"), _num(r["compile_time"], ".1f"), _num(r["tokens_per_sec"], ".0f"),
+             size, _num(r["num_trainable_params"], ","), _num(r["forgetting_delta"], "+.4f"),
+             _pct(r["unmerged_overhead"]), _pct(r["merged_overhead"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the points that no other point beats: less (or equal) memory and higher (or equal) accuracy,
+  one of them strictly. ``points`` are (memory, accuracy); the front is returned by increasing memory."""
+  order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+  front, best = [], -math.inf
+  for i in order:
+    if points[i][1] > best:
+      front.append(i)
+      best = points[i][1]
+  return front
+
+
+def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak memory") -> str | None:
+  """Write the Pareto plot; None when no row has both a test accuracy and a peak memory."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  usable = [r for r in rows if r["test_accuracy"] is not None and r["peak_memory_bytes"]]
+  if not usable:
+    return None
+  sizes = [r["file_size"] or 0 for r in usable]
+  biggest = max(sizes) or 1
+  fig, ax = plt.subplots(figsize=(9, 6))
+  seen = set()
+  for r, size in zip(usable, sizes):
+    marker, colour = _BACKEND_STYLE.get(r["backend"], _OTHER_STYLE)
+    label = r["backend"] if r["backend"] not in seen else None
+    seen.add(r["backend"])
+    ax.scatter(r["peak_memory_bytes"] / 2**20, r["test_accuracy"], s=40 + 600 * math.sqrt(size / biggest),
+               marker=marker, c=colour, alpha=0.6, edgecolors="black", linewidths=0.5, label=label)
+    ax.annotate(f"{r['method']}/{r['name']}", (r["peak_memory_bytes"] / 2**20, r["test_accuracy"]),
+                textcoords="offset points", xytext=(6, 4), fontsize=7)
+  points = [(r["peak_memory_bytes"] / 2**20, r["test_accuracy"]) for r in usable]
+  front = pareto_front(points)
+  if front:
+    xs = [points[i][0] for i in front]
+    ys = [points[i][1] for i in front]
+    ax.step(xs, ys, where="post", color="tab:red", linestyle="--", linewidth=1.2, label="Pareto front")
+  ax.set_xlabel("peak memory (MiB)")
+  ax.set_ylabel("test accuracy")
+  ax.set_title(title + " (marker size: checkpoint size)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc="best", fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def make_report(results_dir: str | os.PathLike = common.DEFAULT_RESULTS_DIR, out: str | None = None,
+                plot_path: str | None = None) -> dict[str, Any]:
+  """Table + plot of every result in ``results_dir``; returns {"rows", "table", "table_path", "plot_path"}."""
+  results_dir = str(results_dir)
+  rows = load_rows(results_dir)
+  out = out or os.path.join(results_dir, "README.md")
+  plot_path = plot_path or os.path.join(results_dir, "pareto.png")
+  table = markdown_table(rows)
+  written_plot = plot(rows, plot_path)
+  notes = [
+      "# Method comparison results",
+      "",
+      f"{len(rows)} result(s) from `{results_dir}`. Peak memory: device peak on an accelerator, else the process's "
+      "peak RSS. Train time excludes compilation (jax) and evaluation. Checkpoint size: "
+      "`adapter_model.safetensors` as saved (`~`: estimated as parameters x bytes, PEFT's rule for full "
+      "fine-tuning). Forgetting Δ: mean per-token loss on general text after minus before training. "
+      "Generation overhead: base tokens/s divided by the adapted model's, minus one.",
+      "",
+      table,
+      "",
+  ]
+  if written_plot:
+    notes += [f"![test accuracy vs peak memory]({os.path.relpath(written_plot, os.path.dirname(os.path.abspath(out)))})", ""]
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
+    f.write("\n".join(notes))
+  return {"rows": rows, "table": table, "table_path": out, "plot_path": written_plot}
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when this module is the program, so importing it defines none)."""
+  flags.DEFINE_string("results_dir", str(common.DEFAULT_RESULTS_DIR), "folder of result JSON files")
+  flags.DEFINE_string("out", None, "markdown output (default: <results_dir>/README.md)")
+  flags.DEFINE_string("plot", None, "plot output (default: <results_dir>/pareto.png)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  report = make_report(FLAGS.results_dir, FLAGS.out, FLAGS.plot)
+  print(report["table"])
+  print(f"\ntable: {report['table_path']}")
+  print(f"plot: {report['plot_path'] or '(no result with a test accuracy and a peak memory)'}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
