@@ -142,3 +142,19 @@ def test_sharded_checkpoint(tmp_path):
   assert c1 == c2 and set(p1) == set(p2) == set(param_shapes(c1))
   for k in p1:
     np.testing.assert_array_equal(np.asarray(p1[k]), np.asarray(p2[k]))
+
+
+def test_hub_id_downloads_then_loads_the_folder(tmp_path, monkeypatch):
+  import huggingface_hub
+  folder = make_tiny_llama(str(tmp_path / "snapshot"))
+  calls = []
+
+  def fake_snapshot_download(repo_id, **kwargs):
+    calls.append((repo_id, kwargs))
+    return folder
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  config, params = load_model("some-org/tiny-llama")
+  assert calls and calls[0][0] == "some-org/tiny-llama"
+  assert "*.safetensors" in calls[0][1]["allow_patterns"]
+  assert set(params) == set(param_shapes(config))

@@ -66,3 +66,12 @@ def test_greedy_generation_identical(smollm2):
                          do_sample=False, pad_token_id=config.pad_token_id)[:, ids.shape[1]:].numpy()
   ref = np.pad(ref, ((0, 0), (0, 32 - ref.shape[1])), constant_values=config.pad_token_id)
   np.testing.assert_array_equal(out, ref)
+
+
+def test_gguf_path_loads_the_same_weights(smollm2):
+  from jpeft.models.loading import embedded_model_path
+  _, config, params = smollm2[:3]
+  config2, params2 = load_model(embedded_model_path("smollm2-135m"))
+  assert config2 == config
+  for name in ("model.embed_tokens.weight", "model.layers.29.mlp.down_proj.weight"):
+    np.testing.assert_array_equal(np.asarray(params2[name]), np.asarray(params[name]))
