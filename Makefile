@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install demo bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -18,13 +18,18 @@ $(STAMP): pyproject.toml | $(VPY)
 install: $(STAMP)
 
 run: $(STAMP)
+	$(VPY) -m tools.compare
+
+demo: $(STAMP)
 	$(VPY) -m tools.main_job
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -x tests
 
 bench: $(STAMP)
-	$(VPY) -m tools.bench_model
+	$(VPY) -m tools.bench --task=generate
+	$(VPY) -m tools.bench --task=train_full
+	$(VPY) -m tools.bench --task=train_lora
 
 clean:
 	rm -rf $(VENV)

@@ -154,6 +154,12 @@ def load_experiment(path: str | os.PathLike, overrides: Mapping[str, Any] | None
   missing folder, unreadable JSON, unknown keys or invalid values.
   """
   folder = Path(path).expanduser()
+  if not folder.is_dir() and not folder.is_absolute():
+    # also relative to the repository (experiments/lora/x) or to experiments/ (lora/x)
+    for base in (EXPERIMENTS_DIR.parent, EXPERIMENTS_DIR):
+      if (base / folder).is_dir():
+        folder = base / folder
+        break
   if not folder.is_dir():
     known = ", ".join(list_experiments()) or "none"
     what = "is not a folder" if folder.exists() else "does not exist"
@@ -237,7 +243,8 @@ def make_train_config(exp: Experiment, **fixed):
   if params["lr_scheduler"] not in ("constant", "linear", "cosine"):
     raise ExperimentError(f"lr_scheduler {params['lr_scheduler']!r}: use null/'constant', 'linear' or 'cosine'")
   if "warmup" not in params and "warmup_steps" not in params and params["lr_scheduler"] == "cosine":
-    params["warmup_steps"] = int(PEFT_WARMUP_STEP_RATIO * int(params.get("max_steps", 0)))
+    params["warmup_steps"] = int(PEFT_WARMUP_STEP_RATIO * int(params.get("max_steps",
+                                                                       trainer_lib.TrainConfig.max_steps)))
   try:
     normalize_optimizer_type(str(params.get("optimizer_type", "AdamW")))
     config = trainer_lib.TrainConfig.from_dict(params, **fixed)

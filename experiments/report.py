@@ -85,7 +85,7 @@ def load_rows(results_dir: str) -> list[dict]:
 def _num(value, fmt: str, scale: float = 1.0) -> str:
   if value is None or (isinstance(value, float) and not math.isfinite(value)):
     return "-"
-  return format(value / scale, fmt)
+  return format(value / scale if scale != 1.0 else value, fmt)
 
 
 def _pct(value) -> str:
@@ -128,27 +128,33 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
     return None
   sizes = [r["file_size"] or 0 for r in usable]
   biggest = max(sizes) or 1
+  from matplotlib.lines import Line2D
+
   fig, ax = plt.subplots(figsize=(9, 6))
-  seen = set()
+  handles = {}
   for r, size in zip(usable, sizes):
     marker, colour = _BACKEND_STYLE.get(r["backend"], _OTHER_STYLE)
-    label = r["backend"] if r["backend"] not in seen else None
-    seen.add(r["backend"])
-    ax.scatter(r["peak_memory_bytes"] / 2**20, r["test_accuracy"], s=40 + 600 * math.sqrt(size / biggest),
-               marker=marker, c=colour, alpha=0.6, edgecolors="black", linewidths=0.5, label=label)
-    ax.annotate(f"{r['method']}/{r['name']}", (r["peak_memory_bytes"] / 2**20, r["test_accuracy"]),
-                textcoords="offset points", xytext=(6, 4), fontsize=7)
+    x, y = r["peak_memory_bytes"] / 2**20, r["test_accuracy"]
+    ax.scatter(x, y, s=40 + 600 * math.sqrt(size / biggest), marker=marker, c=colour, alpha=0.6,
+               edgecolors="black", linewidths=0.5)
+    ax.annotate(f"{r['method']}/{r['name']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    handles.setdefault(r["backend"], Line2D([], [], linestyle="none", marker=marker, markersize=8,
+                                            markerfacecolor=colour, markeredgecolor="black", alpha=0.6,
+                                            label=r["backend"]))
   points = [(r["peak_memory_bytes"] / 2**20, r["test_accuracy"]) for r in usable]
   front = pareto_front(points)
   if front:
-    xs = [points[i][0] for i in front]
-    ys = [points[i][1] for i in front]
-    ax.step(xs, ys, where="post", color="tab:red", linestyle="--", linewidth=1.2, label="Pareto front")
+    xs = [points[i][0] for i in front] + [max(p[0] for p in points)]
+    ys = [points[i][1] for i in front] + [points[front[-1]][1]]
+    ax.step(xs, ys, where="post", color="tab:red", linestyle="--", linewidth=1.2)
+    handles["front"] = Line2D([], [], color="tab:red", linestyle="--", label="Pareto front")
+  top = max(p[1] for p in points)
+  ax.set_ylim(-0.02, min(1.05, max(0.1, 1.15 * top)))
   ax.set_xlabel("peak memory (MiB)")
   ax.set_ylabel("test accuracy")
   ax.set_title(title + " (marker size: checkpoint size)")
   ax.grid(True, alpha=0.3)
-  ax.legend(loc="best", fontsize=8)
+  ax.legend(handles=list(handles.values()), loc="best", fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)

@@ -12,6 +12,7 @@ question/answer fields, an adapter config the backend cannot run) is raised befo
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -82,10 +83,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.experiment:
     raise app.UsageError("--experiment=experiments/<method>/<name> is required")
-  result, path = run_experiment(FLAGS.experiment, FLAGS.backend, overrides=_overrides_from_flags(),
-                                model=FLAGS.model, tokenizer=FLAGS.tokenizer, results_dir=FLAGS.results_dir,
-                                save_dir=FLAGS.save_dir, checkpoint_dir=FLAGS.checkpoint_dir,
-                                progress=FLAGS.progress, lr=FLAGS.lr)
+  from jpeft import config as config_lib
+  try:
+    result, path = run_experiment(FLAGS.experiment, FLAGS.backend, overrides=_overrides_from_flags(),
+                                  model=FLAGS.model, tokenizer=FLAGS.tokenizer, results_dir=FLAGS.results_dir,
+                                  save_dir=FLAGS.save_dir, checkpoint_dir=FLAGS.checkpoint_dir,
+                                  progress=FLAGS.progress, lr=FLAGS.lr)
+  except (common.ExperimentError, FileNotFoundError, config_lib.UnsupportedConfigError,
+          config_lib.InvalidConfigError) as exc:
+    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 2
   info = result["train_info"]
   print(f"{result['run_info']['experiment_name']} [{FLAGS.backend}]: test accuracy {info['test_accuracy']}, "
         f"train {info['train_time']:.1f}s (+{info['compile_time']:.1f}s compile), "

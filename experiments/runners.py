@@ -70,6 +70,9 @@ class Runner:
   def peak_memory(self) -> tuple[int, str]:
     raise NotImplementedError
 
+  def release_base(self) -> None:
+    """Drop what is only needed for the base model's forgetting loss (called once that loss is known)."""
+
   def param_counts(self) -> tuple[int, int]:
     raise NotImplementedError
 
@@ -114,9 +117,12 @@ class Runner:
 
     t = time.perf_counter()
     before = self.forgetting(data, adapted=False)
+    self.release_base()
     out["forgetting_before_time_s"] = time.perf_counter() - t
 
     out.update(self.train(data))
+    # the peak of setup, training and evaluation; the phases below build extra copies (merged weights)
+    out["peak_memory_bytes"], out["peak_memory_kind"] = self.peak_memory()
 
     t = time.perf_counter()
     after = self.forgetting(data, adapted=True)
@@ -152,7 +158,7 @@ class Runner:
       speeds = {"base": None, "unmerged": None, "merged": None}
     out["inference"] = _inference_summary(speeds, len(prompts), new_tokens, time.perf_counter() - t)
 
-    out["peak_memory_bytes"], out["peak_memory_kind"] = self.peak_memory()
+    out["peak_memory_end_bytes"] = self.peak_memory()[0]
     out["num_trainable_params"], out["num_total_params"] = self.param_counts()
     return out
 
@@ -191,7 +197,6 @@ class JaxRunner(Runner):
     super().__init__(*args, **kwargs)
     self.checkpoint_dir = checkpoint_dir
     self.jpeft_config = None
-    self._forward_fn = None
 
   def check_config(self) -> None:
     from jpeft import config as config_lib
@@ -226,17 +231,15 @@ class JaxRunner(Runner):
                            {"query": [q for q, _ in data.train], "response": [r for _, r in data.train]},
                            _columns(data.valid), _columns(data.test), self.config)
     self.schedule = self.trainer.schedule()
+    self._base_count = core_num_params(self.base_params)
+
+  def release_base(self) -> None:
+    # full fine-tuning trains the trainer's own copy; the loaded weights would only add to the peak memory
+    if self.jpeft_config is None:
+      self.base_params = None
 
   def _nll_sums(self, params, batches) -> tuple[float, int]:
-    import jax
     import jax.numpy as jnp
-
-    from jpeft.models import causal_lm_loss, forward
-    if self._forward_fn is None:
-      def fn(params, ids, mask, labels, *, config, compute_dtype):
-        loss, n = causal_lm_loss(forward(params, config, ids, mask, compute_dtype=compute_dtype), labels)
-        return loss * n, n
-      self._forward_fn = jax.jit(fn, static_argnames=("config", "compute_dtype"))
     total, count = 0.0, 0
     rows = self.config.batch_size
     for ids, mask, labels in batches:
@@ -245,8 +248,8 @@ class JaxRunner(Runner):
         ids = np.concatenate([ids, np.repeat(ids[:1], fill, 0)])
         mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
         labels = np.concatenate([labels, np.full((fill, labels.shape[1]), -100, labels.dtype)])
-      s, n = self._forward_fn(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
-                              config=self.model_config, compute_dtype=self.config.compute_dtype)
+      s, n = _nll_sum_fn()(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
+                           config=self.model_config, compute_dtype=self.config.compute_dtype)
       total += float(s)
       count += int(n)
     return total, count
@@ -329,11 +332,40 @@ class JaxRunner(Runner):
     return common.peak_rss_bytes(), "cpu_peak_rss"
 
   def param_counts(self):
-    from jpeft import core
-    base = core.num_params(self.base_params)
+    from backends.base import normalize_optimizer_type
+    base = self._base_count
     if self.jpeft_config is None:
       return base, base
-    return self.trainer.num_trainable_params, base + core.num_params(self.trainer.trainable)
+    trainable = self.trainer.num_trainable_params
+    if normalize_optimizer_type(self.config.optimizer_type) == "lora-fa":
+      # as PEFT counts after creating the optimizer: LoRA-FA freezes lora_A
+      trainable -= sum(int(v.size) for ts in self.trainer.trainable.values() for t, v in ts.items()
+                       if t.startswith("lora_A"))
+    return trainable, base + core_num_params(self.trainer.trainable)
+
+
+_NLL_SUM = []
+
+
+def _nll_sum_fn():
+  """The jitted (sum of token losses, token count) of a batch; one function, so runs in a process share
+  its compilations."""
+  if not _NLL_SUM:
+    import jax
+
+    from jpeft.models import causal_lm_loss, forward
+
+    def fn(params, ids, mask, labels, *, config, compute_dtype):
+      loss, n = causal_lm_loss(forward(params, config, ids, mask, compute_dtype=compute_dtype), labels)
+      return loss * n, n
+
+    _NLL_SUM.append(jax.jit(fn, static_argnames=("config", "compute_dtype")))
+  return _NLL_SUM[0]
+
+
+def core_num_params(tree) -> int:
+  from jpeft import core
+  return core.num_params(tree)
 
 
 def _columns(records: Sequence[tuple[str, str]]):
@@ -600,7 +632,20 @@ def run_experiment(path: str, backend: str = "jax", *, overrides: Mapping[str, A
   t = time.perf_counter()
   runner.load()
   load_time = time.perf_counter() - t
-  out = runner.run(data)
+  try:
+    out = runner.run(data)
+  except Exception as exc:
+    # PEFT keeps a record of runs that failed during training (its cancelled_results/); so does this runner
+    if write:
+      failed = {"run_info": {"created_at": created, "total_time": time.perf_counter() - tic,
+                             "experiment_name": exp.experiment_name, "backend": backend,
+                             "train_config": dict(exp.params, model_id=model_source),
+                             "peft_config": exp.peft_config, "error_msg": f"{type(exc).__name__}: {exc}"},
+                "train_info": {"status": "canceled", "metrics": []},
+                "meta_info": {"package_info": common.package_info()}}
+      common.write_result(failed, os.path.join(results_dir or common.DEFAULT_RESULTS_DIR, "cancelled"),
+                          exp.result_filename(backend))
+    raise
   out["load_time_s"] = load_time
   result = build_result(exp, runner, config, data, out, created=created, total_time=time.perf_counter() - tic,
                         model_source=model_source, tokenizer_source=tokenizer or model_source,
@@ -625,6 +670,7 @@ def build_result(exp, runner, config, data, out, *, created, total_time, model_s
            "forgetting": out["forgetting"]["delta"]}
   train_config = dict(exp.params, model_id=model_source)
   resolved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("compute_dtype",)}
+  backend_info = runner.backend_info()
   return {
       "run_info": {
           "created_at": created,
@@ -655,6 +701,7 @@ def build_result(exp, runner, config, data, out, *, created, total_time, model_s
           "valid_accuracy": out["valid_accuracy"],
           "peak_memory_bytes": out["peak_memory_bytes"],
           "peak_memory_kind": out["peak_memory_kind"],
+          "peak_memory_end_bytes": out["peak_memory_end_bytes"],
           "memory_baseline_bytes": memory_baseline,
           "compile_time": out["compile_time_s"],
           "eval_time": out["eval_time_s"],
@@ -677,6 +724,7 @@ def build_result(exp, runner, config, data, out, *, created, total_time, model_s
           "dataset_info": out["data_info"],
           "package_info": common.package_info(),
           "system_info": common.system_info(runner.accelerator()),
-          "backend_info": runner.backend_info(),
+          "pytorch_info": backend_info.pop("pytorch_info", None),
+          "backend_info": backend_info,
       },
   }

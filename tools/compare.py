@@ -29,9 +29,9 @@ BUDGET = {
     "max_new_tokens": 96,
     "batch_size": None,
     "max_seq_length": None,
-    "n_forgetting": 12,
+    "n_forgetting": 8,
     "n_inference": 2,
-    "inference_max_new_tokens": 16,
+    "inference_max_new_tokens": 8,
 }
 
 FLAGS = flags.FLAGS
