@@ -132,12 +132,14 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
 
   fig, ax = plt.subplots(figsize=(9, 6))
   handles = {}
-  for r, size in zip(usable, sizes):
+  for i, (r, size) in enumerate(sorted(zip(usable, sizes), key=lambda rs: rs[0]["peak_memory_bytes"])):
     marker, colour = _BACKEND_STYLE.get(r["backend"], _OTHER_STYLE)
     x, y = r["peak_memory_bytes"] / 2**20, r["test_accuracy"]
     ax.scatter(x, y, s=40 + 600 * math.sqrt(size / biggest), marker=marker, c=colour, alpha=0.6,
                edgecolors="black", linewidths=0.5)
-    ax.annotate(f"{r['method']}/{r['name']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    # Neighbouring points (similar memory, equal accuracy) get their labels staggered vertically.
+    ax.annotate(f"{r['method']}/{r['name']} [{r['backend']}]", (x, y), textcoords="offset points",
+                xytext=(6, 4 + 11 * (i % 4)), fontsize=7)
     handles.setdefault(r["backend"], Line2D([], [], linestyle="none", marker=marker, markersize=8,
                                             markerfacecolor=colour, markeredgecolor="black", alpha=0.6,
                                             label=r["backend"]))
