@@ -73,15 +73,11 @@ def _shape(value) -> tuple[int, ...]:
 
 def check_state_keys(expected: dict, given: dict, *, what: str = "adapter state dict") -> None:
     """Raise ``ValueError`` naming every missing and unexpected key, or every tensor of the wrong shape."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys: {unexpected}")
-        raise ValueError(f"{what} does not match the model; " + "; ".join(parts))
+    from jpeft.core import describe_key_mismatch
+
+    mismatch = describe_key_mismatch(expected, given)
+    if mismatch:
+        raise ValueError(f"{what} does not match the model; {mismatch}")
     bad = [
         f"{k}: expected {_shape(expected[k])}, got {_shape(given[k])}"
         for k in sorted(expected)

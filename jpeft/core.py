@@ -298,6 +298,18 @@ def to_state_dict(adapter: Adapter, params=None, config=None) -> dict[str, Array
   return state
 
 
+def describe_key_mismatch(expected, given, *, limit: int | None = None) -> str | None:
+  """``"missing N key(s): [...]; M unexpected key(s): [...]"``, or None when the key sets are equal."""
+  missing = sorted(set(expected) - set(given))
+  unexpected = sorted(set(given) - set(expected))
+  parts = []
+  if missing:
+    parts.append(f"missing {len(missing)} key(s): {missing[:limit]}")
+  if unexpected:
+    parts.append(f"{len(unexpected)} unexpected key(s): {unexpected[:limit]}")
+  return "; ".join(parts) or None
+
+
 def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "state dict",
                     extra: Mapping[str, Any] = ()) -> Adapter:
   """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise.
@@ -310,15 +322,9 @@ def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "s
       raise AdapterCheckpointError(
           f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has {tuple(ref.shape)}")
   state = {k: v for k, v in state.items() if k not in dict(extra)}
-  missing = sorted(set(expected) - set(state))
-  unexpected = sorted(set(state) - set(expected))
-  if missing or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing {len(missing)} key(s), e.g. {missing[:4]}")
-    if unexpected:
-      parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
-    raise AdapterCheckpointError(f"{source}: does not match the adapter config: " + "; ".join(parts))
+  mismatch = describe_key_mismatch(expected, state, limit=4)
+  if mismatch:
+    raise AdapterCheckpointError(f"{source}: does not match the adapter config: {mismatch}")
   out: Adapter = {}
   for key, (m, t, ref) in expected.items():
     value = state[key]
