@@ -62,6 +62,17 @@ def _logit_tol(method):
   return 1e-4 if METHODS[method].get("init_lora_weights") in ("pissa", "olora") else 2e-5
 
 
+def _same_adapter_on_both(backends, method, *, seed, perturb_seed):
+  """PEFT initialises the adapter, every tensor is perturbed, and both backends get the very same tensors."""
+  jx, pt = backends["jax"], backends["torch"]
+  pt.attach_adapter(METHODS[method], seed=seed)
+  state = _perturbed(pt.adapter_state_dict(), perturb_seed)
+  pt.set_adapter_state_dict(state)
+  jx.attach_adapter(METHODS[method], seed=seed)
+  jx.set_adapter_state_dict(state)
+  return jx, pt
+
+
 def _batch(seed=0, pad="right"):
   return make_batch(seed, 3, 16, VOCAB, pad=pad)
 
@@ -103,12 +114,7 @@ def test_peft_adapter_loads_in_jpeft(method, backends, tmp_path):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_gradients_match(method, backends):
-  jx, pt = backends["jax"], backends["torch"]
-  pt.attach_adapter(METHODS[method], seed=3)
-  state = _perturbed(pt.adapter_state_dict(), 2)
-  pt.set_adapter_state_dict(state)
-  jx.attach_adapter(METHODS[method], seed=3)
-  jx.set_adapter_state_dict(state)
+  jx, pt = _same_adapter_on_both(backends, method, seed=3, perturb_seed=2)
   b = _batch(seed=5)
   loss_pt, g_pt = pt.loss_and_grads(b["input_ids"], b["attention_mask"], b["labels"])
   loss_jx, g_jx = jx.loss_and_grads(b["input_ids"], b["attention_mask"], b["labels"])
@@ -126,12 +132,7 @@ TRAIN_ROWS = [(m, "adamw") for m in sorted(METHODS)] + [("lora", "lora-fa"), ("l
 
 @pytest.mark.parametrize("method,optimizer", TRAIN_ROWS)
 def test_training_curves_match(method, optimizer, backends):
-  jx, pt = backends["jax"], backends["torch"]
-  pt.attach_adapter(METHODS[method], seed=4)
-  state = _perturbed(pt.adapter_state_dict(), 3)
-  pt.set_adapter_state_dict(state)
-  jx.attach_adapter(METHODS[method], seed=4)
-  jx.set_adapter_state_dict(state)
+  jx, pt = _same_adapter_on_both(backends, method, seed=4, perturb_seed=3)
   pt.configure_optimizer(**OPTIMIZERS[optimizer])
   jx.configure_optimizer(**OPTIMIZERS[optimizer])
   curves = {"jax": [], "torch": []}

@@ -47,6 +47,15 @@ def _peak() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _timed(fn) -> tuple[float, float]:
+  """(first call's seconds -- compile/warm-up --, median seconds of FLAGS.reps further calls)."""
+  t0 = time.perf_counter(); fn(); first = time.perf_counter() - t0
+  times = []
+  for _ in range(FLAGS.reps):
+    t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+  return first, statistics.median(times)
+
+
 def _batch(vocab):
   import numpy as np
   rng = np.random.default_rng(0)
@@ -68,11 +77,8 @@ def _worker_jax():
   out = {"side": "jax", "device": jax.devices()[0].platform}
   if FLAGS.task == "generate":
     gen = lambda: generate(params, config, ids, mask, max_new_tokens=FLAGS.new_tokens, eos_token_id=-1)  # noqa
-    t0 = time.perf_counter(); gen(); out["compile_s"] = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.reps):
-      t0 = time.perf_counter(); gen(); times.append(time.perf_counter() - t0)
-    out["tokens_per_s"] = FLAGS.batch * FLAGS.new_tokens / statistics.median(times)
+    out["compile_s"], median = _timed(gen)
+    out["tokens_per_s"] = FLAGS.batch * FLAGS.new_tokens / median
   else:
     peft_config = None
     if FLAGS.task == "train_lora":
@@ -127,21 +133,13 @@ def _worker_torch():
         model.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=FLAGS.new_tokens,
                        min_new_tokens=FLAGS.new_tokens, do_sample=False, pad_token_id=0)
       sync()
-    t0 = time.perf_counter(); gen(); out["compile_s"] = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.reps):
-      t0 = time.perf_counter(); gen(); times.append(time.perf_counter() - t0)
-    out["tokens_per_s"] = FLAGS.batch * FLAGS.new_tokens / statistics.median(times)
+    out["compile_s"], median = _timed(gen)
+    out["tokens_per_s"] = FLAGS.batch * FLAGS.new_tokens / median
   else:
     backend.attach_adapter(LORA(FLAGS.rank) if FLAGS.task == "train_lora" else {"peft_type": "FULL"})
     backend.configure_optimizer(lr=1e-4, weight_decay=0.1, grad_norm_clip=1.0)
-    t0 = time.perf_counter(); backend.train_step(ids, mask, labels); sync()
-    out["compile_s"] = time.perf_counter() - t0
-    times = []
-    for _ in range(FLAGS.reps):
-      t0 = time.perf_counter(); backend.train_step(ids, mask, labels); sync()
-      times.append(time.perf_counter() - t0)
-    out["tokens_per_s"] = FLAGS.batch * FLAGS.seq / statistics.median(times)
+    out["compile_s"], median = _timed(lambda: (backend.train_step(ids, mask, labels), sync()))
+    out["tokens_per_s"] = FLAGS.batch * FLAGS.seq / median
     out["trainable_params"] = backend.num_trainable_params()
   if dev.type == "cuda":
     out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
