@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install demo bench clean
+.PHONY: run test install demo bench suite report clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q -x tests
 
+# the whole comparison suite on both backends with each experiment's own budget (hours on a 2-core CPU)
+suite: $(STAMP)
+	$(VPY) -m tools.compare --suite
+
+report: $(STAMP)
+	$(VPY) -m experiments.report
+
 bench: $(STAMP)
+	$(VPY) -m tools.bench --task=experiment --from_results=experiments/results
 	$(VPY) -m tools.bench --task=generate
 	$(VPY) -m tools.bench --task=train_full
 	$(VPY) -m tools.bench --task=train_lora

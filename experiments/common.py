@@ -251,9 +251,13 @@ def make_train_config(exp: Experiment, **fixed):
     trainer_lib.optimizer_kwargs(config)
   except ValueError as exc:
     raise ExperimentError(f"{exp.experiment_name}: {exc}") from None
-  for key in ("batch_size", "batch_size_eval", "max_steps", "max_seq_length", "max_new_tokens"):
+  for key in ("batch_size", "batch_size_eval", "max_seq_length", "max_new_tokens"):
     if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
       raise ExperimentError(f"{exp.experiment_name}: {key} must be a positive integer, got {getattr(config, key)!r}")
+  # 0 steps evaluates the untrained model (the reference row experiments/base/)
+  if not isinstance(config.max_steps, int) or config.max_steps < 0:
+    raise ExperimentError(f"{exp.experiment_name}: max_steps must be a non-negative integer, got "
+                          f"{config.max_steps!r}")
   if config.eval_steps is not None and (not isinstance(config.eval_steps, int) or config.eval_steps < 0):
     raise ExperimentError(f"{exp.experiment_name}: eval_steps must be a non-negative integer or null")
   if "{query}" not in config.query_template:

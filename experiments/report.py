@@ -20,7 +20,7 @@ from absl import app, flags
 
 from experiments import common
 
-COLUMNS = ("method", "name", "backend", "test acc", "valid acc", "peak mem (MiB)", "train time (s)",
+COLUMNS = ("method", "name", "backend", "steps", "test acc", "valid acc", "peak mem (MiB)", "train time (s)",
            "compile (s)", "tokens/s", "ckpt size (MB)", "trainable params", "forgetting Δ",
            "gen overhead unmerged", "gen overhead merged")
 _BACKEND_STYLE = {"jax": ("o", "tab:blue"), "torch": ("s", "tab:orange")}
@@ -48,8 +48,12 @@ def summarize(result: dict, filename: str = "") -> dict:
   forgetting_delta = forgetting.get("delta") if isinstance(forgetting, dict) else _last(metrics, "forgetting")
   inference = info.get("inference") or {}
   test_acc = info.get("test_accuracy", _last(metrics, "test accuracy"))
+  train_config = run.get("train_config") or {}
   return {
       "method": method, "name": name, "backend": backend,
+      "max_steps": train_config.get("max_steps"),
+      "schedule_sha256": info.get("batch_schedule_sha256"),
+      "memory_baseline_bytes": info.get("memory_baseline_bytes"),
       "test_accuracy": test_acc,
       "valid_accuracy": info.get("valid_accuracy", _last(metrics, "valid accuracy")),
       "peak_memory_bytes": info.get("peak_memory_bytes", info.get("accelerator_memory_max")),
@@ -96,12 +100,61 @@ def markdown_table(rows: Sequence[dict]) -> str:
   lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
   for r in rows:
     size = _num(r["file_size"], ".2f", 1e6) + ("~" if r["file_size_estimated"] and r["file_size"] else "")
-    cells = [r["method"], r["name"], r["backend"], _num(r["test_accuracy"], ".3f"),
+    cells = [r["method"], r["name"], r["backend"], _num(r["max_steps"], "d"), _num(r["test_accuracy"], ".3f"),
              _num(r["valid_accuracy"], ".3f"), _num(r["peak_memory_bytes"], ".0f", 2**20),
              _num(r["train_time"], ".1f"), _num(r["compile_time"], ".1f"), _num(r["tokens_per_sec"], ".0f"),
              size, _num(r["num_trainable_params"], ","), _num(r["forgetting_delta"], "+.4f"),
              _pct(r["unmerged_overhead"]), _pct(r["merged_overhead"])]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def is_reference(row: dict) -> bool:
+  """An untrained reference run (``max_steps`` 0, e.g. ``base/``): drawn as a level, not as a method."""
+  return row.get("max_steps") == 0
+
+
+def _ratio(a, b):
+  return a / b if a is not None and b else None
+
+
+def backend_pairs(rows: Sequence[dict], numerator: str = "jax", denominator: str = "torch") -> list[dict]:
+  """Experiments run on both backends, one entry each: the jax/torch ratios of throughput, peak memory (also
+  above the memory before loading the model), train time, and whether both trained on the same batches."""
+  by_key = {(r["method"], r["name"], r["backend"]): r for r in rows}
+  pairs = []
+  for (method, name, backend), a in sorted(by_key.items()):
+    b = by_key.get((method, name, denominator))
+    if backend != numerator or b is None or is_reference(a):
+      continue
+    above = lambda r: (r["peak_memory_bytes"] - r["memory_baseline_bytes"]  # noqa: E731
+                       if r["peak_memory_bytes"] and r["memory_baseline_bytes"] is not None else None)
+    pairs.append({
+        "method": method, "name": name,
+        "test_accuracy": (a["test_accuracy"], b["test_accuracy"]),
+        "tokens_per_sec": (a["tokens_per_sec"], b["tokens_per_sec"]),
+        "tokens_per_sec_ratio": _ratio(a["tokens_per_sec"], b["tokens_per_sec"]),
+        "peak_memory_ratio": _ratio(a["peak_memory_bytes"], b["peak_memory_bytes"]),
+        "peak_above_baseline_ratio": _ratio(above(a), above(b)),
+        "train_time_ratio": _ratio(a["train_time"], b["train_time"]),
+        "same_batches": (a["schedule_sha256"] == b["schedule_sha256"]
+                         if a["schedule_sha256"] and b["schedule_sha256"] else None),
+    })
+  return pairs
+
+
+def pairs_table(pairs: Sequence[dict]) -> str:
+  cols = ("experiment", "test acc jax / torch", "tokens/s jax / torch", "tokens/s ratio", "peak mem ratio",
+          "peak above baseline ratio", "train time ratio", "same batches")
+  lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+  for p in pairs:
+    ta, tb = p["test_accuracy"]
+    sa, sb = p["tokens_per_sec"]
+    same = {True: "yes", False: "NO", None: "-"}[p["same_batches"]]
+    lines.append("| " + " | ".join([
+        f"{p['method']}/{p['name']}", f"{_num(ta, '.3f')} / {_num(tb, '.3f')}", f"{_num(sa, '.0f')} / {_num(sb, '.0f')}",
+        _num(p["tokens_per_sec_ratio"], ".2f") + "x", _num(p["peak_memory_ratio"], ".2f") + "x",
+        _num(p["peak_above_baseline_ratio"], ".2f") + "x", _num(p["train_time_ratio"], ".2f") + "x", same]) + " |")
   return "\n".join(lines)
 
 
@@ -123,7 +176,8 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  usable = [r for r in rows if r["test_accuracy"] is not None and r["peak_memory_bytes"]]
+  levels = [r for r in rows if is_reference(r) and r["test_accuracy"] is not None]
+  usable = [r for r in rows if r["test_accuracy"] is not None and r["peak_memory_bytes"] and not is_reference(r)]
   if not usable:
     return None
   sizes = [r["file_size"] or 0 for r in usable]
@@ -150,8 +204,14 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
     ys = [points[i][1] for i in front] + [points[front[-1]][1]]
     ax.step(xs, ys, where="post", color="tab:red", linestyle="--", linewidth=1.2)
     handles["front"] = Line2D([], [], color="tab:red", linestyle="--", label="Pareto front")
+  for j, r in enumerate(levels):
+    _, colour = _BACKEND_STYLE.get(r["backend"], _OTHER_STYLE)
+    ax.axhline(r["test_accuracy"], color=colour, linestyle=":", linewidth=1.2)
+    ax.annotate(f"untrained {r['method']}/{r['name']} [{r['backend']}]: {r['test_accuracy']:.3f}",
+                (min(p[0] for p in points), r["test_accuracy"]), textcoords="offset points",
+                xytext=(0, -10 - 9 * j), fontsize=7, color=colour)
   top = max(p[1] for p in points)
-  ax.set_ylim(-0.02, min(1.05, max(0.1, 1.15 * top)))
+  ax.set_ylim(-0.06 if levels else -0.02, min(1.05, max(0.1, 1.15 * top)))
   ax.set_xlabel("peak memory (MiB)")
   ax.set_ylabel("test accuracy")
   ax.set_title(title + " (marker size: checkpoint size)")
@@ -172,6 +232,7 @@ def make_report(results_dir: str | os.PathLike = common.DEFAULT_RESULTS_DIR, out
   out = out or os.path.join(results_dir, "README.md")
   plot_path = plot_path or os.path.join(results_dir, "pareto.png")
   table = markdown_table(rows)
+  pairs = backend_pairs(rows)
   written_plot = plot(rows, plot_path)
   notes = [
       "# Method comparison results",
@@ -185,12 +246,22 @@ def make_report(results_dir: str | os.PathLike = common.DEFAULT_RESULTS_DIR, out
       table,
       "",
   ]
+  if any(is_reference(r) for r in rows):
+    notes += ["Rows with 0 steps are the untrained model (the accuracy floor); the plot draws them as dotted "
+              "levels.", ""]
+  if pairs:
+    notes += ["## The same experiment on both backends", "",
+              "jax (jpeft) over torch (transformers + PEFT), from the result files above. Tokens/s: non-pad "
+              "train tokens per second of timed steps; peak memory: as in the table; above baseline: minus the "
+              "process's memory before the model was loaded; same batches: equal batch-schedule hashes.", "",
+              pairs_table(pairs), ""]
   if written_plot:
     notes += [f"![test accuracy vs peak memory]({os.path.relpath(written_plot, os.path.dirname(os.path.abspath(out)))})", ""]
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:
     f.write("\n".join(notes))
-  return {"rows": rows, "table": table, "table_path": out, "plot_path": written_plot}
+  return {"rows": rows, "table": table, "pairs": pairs, "pairs_table": pairs_table(pairs) if pairs else "",
+          "table_path": out, "plot_path": written_plot}
 
 
 FLAGS = flags.FLAGS
@@ -208,6 +279,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   report = make_report(FLAGS.results_dir, FLAGS.out, FLAGS.plot)
   print(report["table"])
+  if report["pairs"]:
+    print("\njax / torch, same experiment:\n" + report["pairs_table"])
   print(f"\ntable: {report['table_path']}")
   print(f"plot: {report['plot_path'] or '(no result with a test accuracy and a peak memory)'}")
 

@@ -1,7 +1,7 @@
 """Run one experiment folder on one backend and write its result file.
 
     python -m experiments.run --experiment=experiments/lora/smollm2-rank32 --backend=jax
-    python -m experiments.run --experiment=experiments/ia3/smollm2-lr_0.001 --backend=torch --max_steps=20
+    python -m experiments.run --experiment=experiments/ia3/smollm2-lr_0.01 --backend=torch --max_steps=20
 
 The result goes to ``<results_dir>/<method>--<name>--<backend>.json`` in PEFT's schema (``run_info``,
 ``train_info`` with ``metrics`` per eval step, ``meta_info``) plus the fields listed in

@@ -100,7 +100,7 @@ def test_prefix_stability():
     assert make_split("valid", 0) == []
 
 
-@pytest.mark.parametrize("config_name", ["default", "easy", "hard"])
+@pytest.mark.parametrize("config_name", ["default", "easy", "medium", "hard"])
 def test_solutions_are_correct_gsm8k_style(config_name):
     config = PRESETS[config_name]
     problems = make_problems("train", 300, seed=0, config=config) + make_problems("test", 100, seed=0, config=config)
@@ -110,6 +110,11 @@ def test_solutions_are_correct_gsm8k_style(config_name):
         assert extract_answer(p.answer) == str(final)
         assert p.question.endswith("?") and "####" not in p.question
     if config_name == "default":
+        assert PRESETS["default"] == PRESETS["easy"]
+        assert {p.num_steps for p in problems} == {1, 2}
+        assert not any(p.has_distractor for p in problems)
+    if config_name == "medium":
+        assert PRESETS["medium"] == MathTaskConfig()
         assert {p.template for p in problems} == set(TEMPLATE_NAMES)
         assert len(TEMPLATE_NAMES) >= 6
         assert {p.num_steps for p in problems} == {2, 3, 4}

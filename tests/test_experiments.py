@@ -139,6 +139,51 @@ def test_report_table_and_plot(assets, lora_results, tmp_path):
   assert "| lora | tiny-rank4 | jax |" in text and "| lora | tiny-rank4 | torch |" in text
   with open(rep["plot_path"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # the same experiment on both backends: one pair, its ratios computed from the two result files
+  (pair,) = rep["pairs"]
+  rows = {r["backend"]: r for r in rep["rows"] if r["method"] == "lora"}
+  assert (pair["method"], pair["name"], pair["same_batches"]) == ("lora", "tiny-rank4", True)
+  assert pair["tokens_per_sec_ratio"] == pytest.approx(rows["jax"]["tokens_per_sec"] / rows["torch"]["tokens_per_sec"])
+  assert pair["peak_memory_ratio"] == pytest.approx(rows["jax"]["peak_memory_bytes"] / rows["torch"]["peak_memory_bytes"])
+  assert "same experiment on both backends" in text and "| lora/tiny-rank4 |" in text
+
+
+def test_backend_pairs_flags_different_batches():
+  def row(backend, sha, tps, mem):
+    return {"method": "m", "name": "n", "backend": backend, "max_steps": 3, "test_accuracy": 0.5,
+            "tokens_per_sec": tps, "peak_memory_bytes": mem, "memory_baseline_bytes": 100, "train_time": 1.0,
+            "schedule_sha256": sha}
+  (pair,) = report.backend_pairs([row("jax", "a", 30.0, 300), row("torch", "b", 20.0, 600)])
+  assert pair["same_batches"] is False and pair["tokens_per_sec_ratio"] == 1.5
+  assert pair["peak_memory_ratio"] == 0.5 and pair["peak_above_baseline_ratio"] == 200 / 500
+  assert "NO" in report.pairs_table([pair])
+  assert report.backend_pairs([row("jax", "a", 30.0, 300)]) == []  # one backend only: no pair
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_untrained_reference_run(assets, tmp_path, backend):
+  """0 steps evaluates the untrained model (experiments/base/): the report draws it as a level, not a point."""
+  result, path = runners.run_experiment(
+      str(assets["exps"] / "lora" / "tiny-rank4"), backend, overrides=dict(TINY, max_steps=0, eval_steps=0),
+      model=assets["model"], tokenizer=assets["tokenizer"], results_dir=str(tmp_path), progress=False)
+  info = result["train_info"]
+  assert info["status"] == "success" and info["losses"] == [] and 0.0 <= info["test_accuracy"] <= 1.0
+  # LoRA at its init is the base model: nothing was forgotten
+  assert info["forgetting"]["delta"] == pytest.approx(0.0, abs=1e-5)
+  (row,) = report.load_rows(str(tmp_path))
+  assert report.is_reference(row) and row["max_steps"] == 0
+  rep = report.make_report(str(tmp_path))
+  assert rep["plot_path"] is None and "0 steps are the untrained model" in open(rep["table_path"]).read()
+  with pytest.raises(common.ExperimentError, match="max_steps must be a non-negative integer"):
+    common.make_train_config(common.load_experiment(str(assets["exps"] / "lora" / "tiny-rank4"), {"max_steps": -1}))
+
+
+def test_compare_plan_runs_peft_only_methods_on_torch_only():
+  from tools import compare
+  runs = compare.plan(["lora/smollm2-rank32", "ia3/smollm2-lr_0.01"], ["jax", "torch"], {})
+  assert runs == [("lora/smollm2-rank32", "jax"), ("lora/smollm2-rank32", "torch"), ("ia3/smollm2-lr_0.01", "torch")]
+  # asked for jax alone, a method jpeft lacks is still attempted (and fails with a clear error)
+  assert compare.plan(["ia3/smollm2-lr_0.01"], ["jax"], {}) == [("ia3/smollm2-lr_0.01", "jax")]
 
 
 def test_report_command_line(assets, lora_results, tmp_path):
@@ -266,10 +311,10 @@ def test_unsupported_method_on_jax(assets, no_loading):
 
 
 def test_full_finetuning_folder_and_shallow_merge(tmp_path):
-  exp = common.load_experiment(os.path.join(ROOT, "experiments", "full-finetuning", "smollm2-lr_0.00001"))
+  exp = common.load_experiment(os.path.join(ROOT, "experiments", "full-finetuning", "smollm2-lr_0.0001"))
   assert exp.is_full_finetuning and exp.method == "full-finetuning" and exp.peft_type == "FULL"
-  assert exp.params["optimizer_kwargs"] == {"lr": 1e-5}
-  assert exp.result_filename("jax") == "full-finetuning--smollm2-lr_0.00001--jax.json"
+  assert exp.params["optimizer_kwargs"] == {"lr": 1e-4}
+  assert exp.result_filename("jax") == "full-finetuning--smollm2-lr_0.0001--jax.json"
   marker = tmp_path / "experiments" / "lora" / "as-full"
   _write_json(str(marker / "adapter_config.json"), {"peft_type": "FULL"})
   assert common.load_experiment(marker).is_full_finetuning
@@ -286,7 +331,7 @@ def test_suite_folders_are_valid():
   names = common.list_experiments()
   for expected in ("lora/smollm2-rank32", "lora/smollm2-rank64", "lora/smollm2-rank64-rslora",
                    "lora/smollm2-rank32-lorafa", "lora/smollm2-rank32-dora", "lora/smollm2-rank32-loraplus",
-                   "full-finetuning/smollm2-lr_0.00001"):
+                   "full-finetuning/smollm2-lr_0.0001", "base/smollm2-untrained"):
     assert expected in names
   assert {n.split("/")[0] for n in names} >= {"oft", "ia3", "lily"}
   supported = set(config_lib.registered_peft_types())

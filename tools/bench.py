@@ -3,6 +3,10 @@
   python -m tools.bench --task=generate     # greedy generation tokens/s (issue: >= 3x transformers)
   python -m tools.bench --task=train_full   # forward+backward+AdamW step, all params, tokens/s and peak memory
   python -m tools.bench --task=train_lora   # LoRA r32 all-linear train step, tokens/s and peak memory
+  python -m tools.bench --task=experiment --experiment=lora/smollm2-rank32 [--max_steps=N]
+      # one whole experiment on both backends (experiments.run, one process each), then the jpeft/PEFT ratios
+      # of train tokens/s and peak memory (targets: >= 1.3x throughput, <= 0.7x peak memory);
+      # --from_results=experiments/results reads finished result files instead of running
 
 Figures are medians over the timed repetitions, after compilation/warm-up. Peak memory on a CPU is the
 process's peak RSS (both sides load the same fp32 weights); "above load" subtracts the RSS right after the
@@ -21,7 +25,12 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_enum("task", "train_lora", ["generate", "train_full", "train_lora"], "what to measure")
+flags.DEFINE_enum("task", "train_lora", ["generate", "train_full", "train_lora", "experiment"], "what to measure")
+flags.DEFINE_string("experiment", "lora/smollm2-rank32", "experiment (<method>/<name> under experiments/), "
+                    "task=experiment")
+flags.DEFINE_string("from_results", None, "task=experiment: read both result files from this folder, run nothing")
+flags.DEFINE_string("results_dir", None, "task=experiment: where the two runs write (default: runs/bench)")
+flags.DEFINE_integer("max_steps", None, "task=experiment: optimizer steps (default: the experiment's)")
 flags.DEFINE_string("worker", None, "internal: run one side (jax|torch) and print JSON")
 flags.DEFINE_string("model", "smollm2-135m", "model source")
 flags.DEFINE_integer("batch", 4, "batch size")
@@ -159,8 +168,43 @@ def _matmul_gflops() -> float:
   return 2 * 1024 ** 3 / statistics.median(times) / 1e9
 
 
+TARGET_THROUGHPUT, TARGET_MEMORY = 1.3, 0.7
+
+
+def _experiment_ratios() -> int:
+  """Run (or read) one experiment on both backends and print the jax/torch ratios."""
+  from experiments import report
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  folder = FLAGS.from_results or FLAGS.results_dir or os.path.join(repo, "runs", "bench")
+  if not FLAGS.from_results:
+    path = os.path.join(repo, "experiments", FLAGS.experiment)
+    for side in ("jax", "torch"):
+      cmd = [sys.executable, "-m", "experiments.run", f"--experiment={path}", f"--backend={side}",
+             f"--results_dir={folder}", "--progress=false"]
+      if FLAGS.max_steps is not None:
+        cmd.append(f"--max_steps={FLAGS.max_steps}")
+      if FLAGS.model != "smollm2-135m":
+        cmd.append(f"--model={FLAGS.model}")
+      print(f"running {FLAGS.experiment} on {side} ...", flush=True)
+      if subprocess.call(cmd, cwd=repo) != 0:
+        raise SystemExit(f"{side} run failed")
+  method, _, name = FLAGS.experiment.strip("/").partition("/")
+  pairs = [p for p in report.backend_pairs(report.load_rows(folder)) if (p["method"], p["name"]) == (method, name)]
+  if not pairs:
+    raise SystemExit(f"no jax and torch results of {FLAGS.experiment} in {folder}")
+  p = pairs[0]
+  print(report.pairs_table(pairs))
+  tput, mem = p["tokens_per_sec_ratio"], p["peak_memory_ratio"]
+  print(f"\n{FLAGS.experiment}: train tokens/s jpeft/PEFT {tput:.2f}x (target >= {TARGET_THROUGHPUT}x: "
+        f"{'met' if tput >= TARGET_THROUGHPUT else 'NOT met'}), peak memory {mem:.2f}x (target <= {TARGET_MEMORY}x: "
+        f"{'met' if mem <= TARGET_MEMORY else 'NOT met'})")
+  return 0
+
+
 def main(argv):
   del argv
+  if FLAGS.task == "experiment" and not FLAGS.worker:
+    return _experiment_ratios()
   if FLAGS.worker:
     result = _worker_jax() if FLAGS.worker == "jax" else _worker_torch()
     print("RESULT " + json.dumps(result))
