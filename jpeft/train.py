@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft import core
-from jpeft.models.llama import LlamaConfig, causal_lm_loss, forward
+from jpeft.models.llama import LlamaConfig, causal_lm_loss, cross_entropy, forward
 
 
 def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=None, remat: bool = False) -> Callable:
@@ -21,6 +21,9 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
 
   ``trainable`` is the adapter, or the full params when ``peft_config`` is None (full fine-tuning, in which
   case ``params`` is ignored). ``rng`` drives dropout; None evaluates without it.
+
+  A batch may carry ``loss_positions`` and ``loss_targets`` (``jpeft.models.loss_positions`` of its labels):
+  the head then runs on those positions only, with the same loss and gradients.
   """
 
   def loss_fn(trainable, params, batch, rng=None):
@@ -28,6 +31,10 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
       model_params = trainable
     else:
       model_params = core.apply(params, trainable, peft_config, rng=rng)
+    if "loss_positions" in batch:
+      logits = forward(model_params, model_config, batch["input_ids"], batch["attention_mask"],
+                       compute_dtype=compute_dtype, remat=remat, logits_at=batch["loss_positions"])
+      return cross_entropy(logits, batch["loss_targets"])
     logits = forward(model_params, model_config, batch["input_ids"], batch["attention_mask"],
                      compute_dtype=compute_dtype, remat=remat)
     return causal_lm_loss(logits, batch["labels"])

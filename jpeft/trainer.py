@@ -41,7 +41,7 @@ from jpeft import sharding as sharding_lib
 from jpeft import train as train_lib
 from jpeft.data import loaders as data_lib
 from jpeft.generate import generate
-from jpeft.models.llama import LlamaConfig
+from jpeft.models.llama import LlamaConfig, loss_positions
 
 # Keys of PEFT's training params that describe the model or torch-only switches: accepted, not used here.
 _IGNORED_KEYS = ("model_id", "dtype", "compile", "use_gc", "use_amp", "autocast_adapter_dtype",
@@ -101,6 +101,9 @@ class TrainConfig:
     async_checkpointing: write checkpoints in the background (orbax's default).
     progress: show a tqdm bar.
     log_every: absl-log the loss every this many steps.
+    head_on_loss_tokens: run the LM head only on positions that carry a label (``jpeft.models.loss_positions``,
+      K = half the padded length, or every position when a row has more labels than that); same loss and
+      gradients, fewer FLOPs and a smaller logits tensor. At most two compiled steps per padded length.
     max_eval_examples, max_test_examples: cap the evaluation sets (None: all).
   """
 
@@ -128,6 +131,7 @@ class TrainConfig:
   async_checkpointing: bool = True
   progress: bool = True
   log_every: int = 50
+  head_on_loss_tokens: bool = True
   max_eval_examples: int | None = None
   max_test_examples: int | None = None
 
@@ -374,6 +378,10 @@ class Trainer:
     batch = data_lib.collate([self.train_examples[i] for i in indices], pad_token_id=self.pad_token_id,
                              length=length, batch_size=c.batch_size)
     tokens = int(batch["attention_mask"].sum())
+    if c.head_on_loss_tokens:
+      gathered = loss_positions(batch["labels"], width=max(length // 2, 1))
+      if gathered is not None:
+        batch["loss_positions"], batch["loss_targets"] = gathered
     if self.mesh is not None:
       return sharding_lib.shard_batch(batch, self.mesh), length, tokens
     return jax.device_put(batch, self.device), length, tokens
@@ -491,7 +499,7 @@ class Trainer:
           log.update({k: meta[k] for k in log if k in meta})
       start = len(log["losses"])
       elapsed0 = log["elapsed_s"]
-      compiled: set[int] = set()
+      compiled: set[tuple[int, bool]] = set()
       schedule = self.schedule(start)
       bar = _progress(c.max_steps, start, c.progress)
       next_batch = self.make_batch(schedule[0]) if schedule else None
@@ -504,13 +512,15 @@ class Trainer:
         next_batch = self.make_batch(schedule[i + 1]) if i + 1 < len(schedule) else None
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         dt = time.perf_counter() - t0
-        if length in compiled:
+        shape = (length, "loss_positions" in batch)
+        if shape in compiled:
           log["train_time_s"] += dt
           log["timed_tokens"] += tokens
         else:
-          compiled.add(length)
+          compiled.add(shape)
           log["compile_time_s"] += dt
-          logging.info("step %d: compiled the train step for padded length %d in %.2fs", step, length, dt)
+          logging.info("step %d: compiled the train step for padded length %d%s in %.2fs", step, length,
+                       " (head on loss tokens)" if shape[1] else "", dt)
         log["total_tokens"] += tokens
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
           bad, what = (loss, "loss") if not math.isfinite(loss) else (grad_norm, "gradient norm")
@@ -573,7 +583,7 @@ class Trainer:
         "tokens_per_s": _rate(log),
         "total_tokens": log["total_tokens"],
         "num_trainable_params": self.num_trainable_params,
-        "padded_lengths": sorted(compiled),
+        "padded_lengths": sorted({length for length, _ in compiled}),
         "resumed_from": resumed_from,
         "trainable": self.trainable,
         "opt_state": self.opt_state,

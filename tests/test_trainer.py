@@ -64,10 +64,49 @@ def test_tiny_run_end_to_end(tiny, reference):
   after = _host(params)
   for name in before:
     np.testing.assert_array_equal(before[name], after[name], err_msg=name)
-  # one compile per padded length
+  # one compile per padded length (and per head variant: on the loss tokens, or on every position)
   assert len(expected_lengths) == 2
   assert result["padded_lengths"] == expected_lengths
-  assert trainer.train_step._cache_size() == len(expected_lengths)
+  shapes = {(trainer.padded_length(b), "loss_positions" in trainer.make_batch(b)[0]) for b in trainer.schedule()}
+  assert any(gathered for _, gathered in shapes)
+  assert trainer.train_step._cache_size() == len(shapes) <= 2 * len(expected_lengths)
+
+
+def test_head_on_loss_tokens_gives_the_same_loss_and_gradients(tiny):
+  """The head run only where a label is (loss_positions) is the full-logits loss, to float rounding."""
+  from jpeft import core, train
+  from jpeft.models import loss_positions
+  model_config, params, tok, train_data, _, _ = tiny
+  trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data,
+                    config=setup.train_config(head_on_loss_tokens=False))
+  indices = trainer.schedule()[0]
+  batch = {k: np.asarray(v) for k, v in trainer.make_batch(indices)[0].items()}
+  assert "loss_positions" not in batch
+  # a non-zero adapter, so that the gradients reach both LoRA factors
+  adapter = jax.tree_util.tree_map(lambda x: x + 0.05, trainer.trainable)
+  loss_fn = train.make_loss_fn(model_config, trainer.peft_config)
+  full = jax.value_and_grad(loss_fn, has_aux=True)(adapter, trainer.params, batch)
+  positions, targets = loss_positions(batch["labels"])
+  # the filler rows of the batch have no label: all their slots are padding
+  assert (targets[np.asarray(batch["attention_mask"]).sum(1) == 0] == -100).all()
+  assert (targets != -100).sum() == (batch["labels"][:, 1:] != -100).sum() == int(full[0][1])
+  gathered = jax.value_and_grad(loss_fn, has_aux=True)(
+      adapter, trainer.params, dict(batch, loss_positions=positions, loss_targets=targets))
+  assert int(gathered[0][1]) == int(full[0][1])
+  np.testing.assert_allclose(gathered[0][0], full[0][0], rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), gathered[1], full[1])
+  # a width below the longest row's label count cannot hold the row
+  assert loss_positions(batch["labels"], width=int((targets != -100).sum(1).max()) - 1) is None
+
+
+def test_head_on_loss_tokens_trains_the_same(tiny):
+  model_config, params, tok, train_data, _, _ = tiny
+  runs = {}
+  for flag in (True, False):
+    trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data,
+                      config=setup.train_config(head_on_loss_tokens=flag, max_steps=4, eval_steps=0))
+    runs[flag] = trainer.run()["losses"]
+  np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
 
 
 def test_batch_schedule_is_a_function_of_seed_and_lengths():
