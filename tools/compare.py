@@ -23,11 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EXPERIMENTS = ("lora/smollm2-rank32", "lora/smollm2-rank64-rslora", "full-finetuning/smollm2-lr_0.0001")
 # flag -> default of the short budget (None: the experiment's own value)
 BUDGET = {
-    "max_steps": 6,
+    "max_steps": 30,
     "eval_steps": 0,
     "n_valid": 0,
-    "n_test": 8,
-    "max_new_tokens": 96,
+    "n_test": 32,
+    "max_new_tokens": None,
     "batch_size": None,
     "max_seq_length": None,
     "n_forgetting": 8,
