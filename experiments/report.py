@@ -105,6 +105,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
              _num(r["train_time"], ".1f"), _num(r["compile_time"], ".1f"), _num(r["tokens_per_sec"], ".0f"),
              size, _num(r["num_trainable_params"], ","), _num(r["forgetting_delta"], "+.4f"),
              _pct(r["unmerged_overhead"]), _pct(r["merged_overhead"])]
+    if is_reference(r):  # no method was trained: only the accuracy (and the forgetting baseline) mean something
+      cells = cells[:6] + ["-"] * (len(cells) - 6)
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

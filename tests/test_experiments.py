@@ -174,6 +174,9 @@ def test_untrained_reference_run(assets, tmp_path, backend):
   assert report.is_reference(row) and row["max_steps"] == 0
   rep = report.make_report(str(tmp_path))
   assert rep["plot_path"] is None and "0 steps are the untrained model" in open(rep["table_path"]).read()
+  (line,) = [l for l in rep["table"].splitlines() if "tiny-rank4" in l]
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  assert cells[3] == "0" and cells[4] != "-" and set(cells[6:]) == {"-"}  # accuracy only
   with pytest.raises(common.ExperimentError, match="max_steps must be a non-negative integer"):
     common.make_train_config(common.load_experiment(str(assets["exps"] / "lora" / "tiny-rank4"), {"max_steps": -1}))
 
