@@ -172,53 +172,62 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
   return front
 
 
+def _short(row: dict) -> str:
+  name = row["name"]
+  for prefix in ("smollm2-",):
+    name = name[len(prefix):] if name.startswith(prefix) else name
+  return f"{row['method']}/{name}" if name else row["method"]
+
+
 def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak memory") -> str | None:
-  """Write the Pareto plot; None when no row has both a test accuracy and a peak memory."""
+  """Write the Pareto plot, one panel per backend (peak memory is only comparable within a backend's runtime);
+  None when no row has both a test accuracy and a peak memory."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.lines import Line2D
 
-  levels = [r for r in rows if is_reference(r) and r["test_accuracy"] is not None]
   usable = [r for r in rows if r["test_accuracy"] is not None and r["peak_memory_bytes"] and not is_reference(r)]
   if not usable:
     return None
-  sizes = [r["file_size"] or 0 for r in usable]
-  biggest = max(sizes) or 1
-  from matplotlib.lines import Line2D
-
-  fig, ax = plt.subplots(figsize=(9, 6))
-  handles = {}
-  for i, (r, size) in enumerate(sorted(zip(usable, sizes), key=lambda rs: rs[0]["peak_memory_bytes"])):
-    marker, colour = _BACKEND_STYLE.get(r["backend"], _OTHER_STYLE)
-    x, y = r["peak_memory_bytes"] / 2**20, r["test_accuracy"]
-    ax.scatter(x, y, s=40 + 600 * math.sqrt(size / biggest), marker=marker, c=colour, alpha=0.6,
-               edgecolors="black", linewidths=0.5)
-    # Neighbouring points (similar memory, equal accuracy) get their labels staggered vertically.
-    ax.annotate(f"{r['method']}/{r['name']} [{r['backend']}]", (x, y), textcoords="offset points",
-                xytext=(6, 4 + 11 * (i % 4)), fontsize=7)
-    handles.setdefault(r["backend"], Line2D([], [], linestyle="none", marker=marker, markersize=8,
-                                            markerfacecolor=colour, markeredgecolor="black", alpha=0.6,
-                                            label=r["backend"]))
-  points = [(r["peak_memory_bytes"] / 2**20, r["test_accuracy"]) for r in usable]
-  front = pareto_front(points)
-  if front:
-    xs = [points[i][0] for i in front] + [max(p[0] for p in points)]
-    ys = [points[i][1] for i in front] + [points[front[-1]][1]]
-    ax.step(xs, ys, where="post", color="tab:red", linestyle="--", linewidth=1.2)
-    handles["front"] = Line2D([], [], color="tab:red", linestyle="--", label="Pareto front")
-  for j, r in enumerate(levels):
-    _, colour = _BACKEND_STYLE.get(r["backend"], _OTHER_STYLE)
-    ax.axhline(r["test_accuracy"], color=colour, linestyle=":", linewidth=1.2)
-    ax.annotate(f"untrained {r['method']}/{r['name']} [{r['backend']}]: {r['test_accuracy']:.3f}",
-                (min(p[0] for p in points), r["test_accuracy"]), textcoords="offset points",
-                xytext=(0, -10 - 9 * j), fontsize=7, color=colour)
-  top = max(p[1] for p in points)
-  ax.set_ylim(-0.06 if levels else -0.02, min(1.05, max(0.1, 1.15 * top)))
-  ax.set_xlabel("peak memory (MiB)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(title + " (marker size: checkpoint size)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(handles=list(handles.values()), loc="best", fontsize=8)
+  backends = sorted({r["backend"] for r in usable})
+  biggest = max(r["file_size"] or 0 for r in usable) or 1
+  top = max(r["test_accuracy"] for r in usable)
+  levels = [r for r in rows if is_reference(r) and r["test_accuracy"] is not None]
+  fig, axes = plt.subplots(1, len(backends), figsize=(6.5 * len(backends), 6), sharey=True, squeeze=False)
+  for ax, backend in zip(axes[0], backends):
+    marker, colour = _BACKEND_STYLE.get(backend, _OTHER_STYLE)
+    mine = sorted((r for r in usable if r["backend"] == backend), key=lambda r: r["peak_memory_bytes"])
+    points = [(r["peak_memory_bytes"] / 2**20, r["test_accuracy"]) for r in mine]
+    for i, (r, (x, y)) in enumerate(zip(mine, points)):
+      ax.scatter(x, y, s=30 + 600 * math.sqrt((r["file_size"] or 0) / biggest), marker=marker, c=colour,
+                 alpha=0.6, edgecolors="black", linewidths=0.5)
+      # labels alternate right/left of their point so that neighbours stay readable
+      right = i % 2 == 0
+      ax.annotate(_short(r), (x, y), textcoords="offset points", xytext=(7 if right else -7, 2 - 6 * (i % 3 == 2)),
+                  ha="left" if right else "right", fontsize=7)
+    front = pareto_front(points)
+    if front:
+      xs = [points[i][0] for i in front] + [max(p[0] for p in points)]
+      ys = [points[i][1] for i in front] + [points[front[-1]][1]]
+      ax.step(xs, ys, where="post", color="tab:red", linestyle="--", linewidth=1.2)
+    for j, r in enumerate(x for x in levels if x["backend"] == backend):
+      ax.axhline(r["test_accuracy"], color="tab:gray", linestyle=":", linewidth=1.2)
+      ax.annotate(f"untrained ({_short(r)}): {r['test_accuracy']:.3f}", (points[0][0], r["test_accuracy"]),
+                  textcoords="offset points", xytext=(0, -10 - 9 * j), fontsize=7, color="tab:gray")
+    lo, hi = points[0][0], points[-1][0]
+    pad = max(0.08 * (hi - lo), 50.0)
+    ax.set_xlim(lo - 2.5 * pad, hi + 2.5 * pad)
+    ax.set_xlabel("peak memory (MiB)")
+    ax.set_title(f"{backend}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(handles=[Line2D([], [], linestyle="none", marker=marker, markersize=8, markerfacecolor=colour,
+                              markeredgecolor="black", alpha=0.6, label=backend),
+                       Line2D([], [], color="tab:red", linestyle="--", label="Pareto front")],
+              loc="lower right", fontsize=8)
+  axes[0][0].set_ylabel("test accuracy")
+  axes[0][0].set_ylim(-0.06 if levels else -0.02, min(1.05, max(0.1, 1.15 * top)))
+  fig.suptitle(title + " (marker size: checkpoint size)")
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
