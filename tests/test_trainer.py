@@ -74,7 +74,7 @@ def test_tiny_run_end_to_end(tiny, reference):
 
 def test_head_on_loss_tokens_gives_the_same_loss_and_gradients(tiny):
   """The head run only where a label is (loss_positions) is the full-logits loss, to float rounding."""
-  from jpeft import core, train
+  from jpeft import train
   from jpeft.models import loss_positions
   model_config, params, tok, train_data, _, _ = tiny
   trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data,
