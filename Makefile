@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install demo bench suite report clean
+.PHONY: run test lint format install demo bench suite report clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,16 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m tools.main_job
 
-test: $(STAMP)
+# lint and format are checked first (seconds), so a style violation fails before the long tests start
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+format: $(STAMP)
+	$(VPY) -m ruff check --fix .
+	$(VPY) -m ruff format .
+
+test: lint
 	$(VPY) -m pytest -q -x tests
 
 # the whole comparison suite on both backends with each experiment's own budget (hours on a 2-core CPU)

@@ -531,7 +531,7 @@ def jsonable(value):
     return None
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
-  if hasattr(value, "value") and isinstance(getattr(value, "value"), str):  # enums
+  if hasattr(value, "value") and isinstance(value.value, str):  # enums
     return value.value
   return str(value)
 

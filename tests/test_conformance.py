@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import transformers
@@ -150,5 +149,5 @@ def test_remat_gives_the_same_loss_and_gradients(model):
   loss_fn = train.make_loss_fn(config, peft_config, remat=True)
   remat = jax.jit(jax.value_and_grad(lambda a: loss_fn(a, base, b)[0]))(adapter)
   np.testing.assert_allclose(float(plain[0]), float(remat[0]), rtol=1e-6)
-  for x, y in zip(jax.tree_util.tree_leaves(plain[1]), jax.tree_util.tree_leaves(remat[1])):
+  for x, y in zip(jax.tree_util.tree_leaves(plain[1]), jax.tree_util.tree_leaves(remat[1]), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)

@@ -58,10 +58,14 @@ def _peak() -> int:
 
 def _timed(fn) -> tuple[float, float]:
   """(first call's seconds -- compile/warm-up --, median seconds of FLAGS.reps further calls)."""
-  t0 = time.perf_counter(); fn(); first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
   times = []
   for _ in range(FLAGS.reps):
-    t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
   return first, statistics.median(times)
 
 
@@ -75,7 +79,6 @@ def _batch(vocab):
 def _worker_jax():
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from jpeft import core, optim, train
   from jpeft import config as config_lib
   from jpeft.generate import generate
@@ -164,7 +167,9 @@ def _matmul_gflops() -> float:
   a @ a
   times = []
   for _ in range(5):
-    t0 = time.perf_counter(); a @ a; times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    a @ a
+    times.append(time.perf_counter() - t0)
   return 2 * 1024 ** 3 / statistics.median(times) / 1e9
 
 
