@@ -27,10 +27,10 @@ class JaxBackend(Backend):
   def __init__(self, compute_dtype=None):
     self.compute_dtype = compute_dtype
     self.model_config = None
-    self.base_params = None      # as loaded (PiSSA/OLoRA residualise a copy, kept in self.params)
+    self.base_params = None  # as loaded (PiSSA/OLoRA residualise a copy, kept in self.params)
     self.params = None
     self.peft_config = None
-    self.trainable = None        # the adapter, or all params for full fine-tuning
+    self.trainable = None  # the adapter, or all params for full fine-tuning
     self.full = False
     self.source = None
     self._opt = None
@@ -59,8 +59,7 @@ class JaxBackend(Backend):
       return
     self.full = False
     self.peft_config = config_lib.config_from_dict(peft_config)
-    self.trainable, self.params = core.init(jax.random.key(seed), self.base_params, self.peft_config,
-                                            self.model_config)
+    self.trainable, self.params = core.init(jax.random.key(seed), self.base_params, self.peft_config, self.model_config)
 
   def _state(self) -> dict:
     if self.trainable is None:
@@ -99,7 +98,8 @@ class JaxBackend(Backend):
       return
     self.full = False
     self.peft_config, self.trainable, self.params = checkpoint.load_pretrained(
-        folder, self.base_params, self.model_config)
+      folder, self.base_params, self.model_config
+    )
 
   # -- compute -------------------------------------------------------------------------------------------
   def _model_params(self):
@@ -112,13 +112,22 @@ class JaxBackend(Backend):
   def logits(self, input_ids, attention_mask) -> np.ndarray:
     self._require()
     fn = jax.jit(forward, static_argnames=("config", "compute_dtype"))
-    return np.asarray(fn(self._model_params(), config=self.model_config, input_ids=jnp.asarray(input_ids),
-                         attention_mask=jnp.asarray(attention_mask), compute_dtype=self.compute_dtype))
+    return np.asarray(
+      fn(
+        self._model_params(),
+        config=self.model_config,
+        input_ids=jnp.asarray(input_ids),
+        attention_mask=jnp.asarray(attention_mask),
+        compute_dtype=self.compute_dtype,
+      )
+    )
 
   def _batch(self, input_ids, attention_mask, labels):
-    return {"input_ids": jnp.asarray(input_ids, jnp.int32),
-            "attention_mask": jnp.asarray(attention_mask, jnp.int32),
-            "labels": jnp.asarray(labels, jnp.int32)}
+    return {
+      "input_ids": jnp.asarray(input_ids, jnp.int32),
+      "attention_mask": jnp.asarray(attention_mask, jnp.int32),
+      "labels": jnp.asarray(labels, jnp.int32),
+    }
 
   def _dropout_rng(self):
     self._rng, sub = jax.random.split(self._rng)
@@ -128,8 +137,9 @@ class JaxBackend(Backend):
     if self.trainable is None:
       raise RuntimeError("no adapter attached")
     grad_fn = train.make_grad_fn(self.model_config, self.peft_config, compute_dtype=self.compute_dtype)
-    loss, grads = grad_fn(self.trainable, self.params, self._batch(input_ids, attention_mask, labels),
-                          self._dropout_rng())
+    loss, grads = grad_fn(
+      self.trainable, self.params, self._batch(input_ids, attention_mask, labels), self._dropout_rng()
+    )
     if self.full:
       shapes = param_shapes(self.model_config)
       return float(loss), {k: np.asarray(v) for k, v in grads.items() if k in shapes}
@@ -137,9 +147,20 @@ class JaxBackend(Backend):
     grads = {m: {t: g for t, g in ts.items() if t not in frozen} for m, ts in grads.items()}
     return float(loss), {k: np.asarray(v) for k, v in core.to_state_dict(grads).items()}
 
-  def configure_optimizer(self, *, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_norm_clip=None,
-                          optimizer_type="AdamW", warmup_steps=0, total_steps=None, lr_scheduler="constant",
-                          loraplus_lr_ratio=None) -> None:
+  def configure_optimizer(
+    self,
+    *,
+    lr,
+    weight_decay=0.0,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    grad_norm_clip=None,
+    optimizer_type="AdamW",
+    warmup_steps=0,
+    total_steps=None,
+    lr_scheduler="constant",
+    loraplus_lr_ratio=None,
+  ) -> None:
     if self.trainable is None:
       raise RuntimeError("no adapter attached")
     kind = optimizer_type.lower().replace("_", "-")
@@ -149,29 +170,49 @@ class JaxBackend(Backend):
     if kind in ("lora-fa", "lorafa") and eps == 1e-8:
       eps = 1e-6  # PEFT's LoRA-FA default
     optimizer = optim.make_optimizer(
-        self.trainable, self.peft_config, lr=lr, optimizer_type=optimizer_type, weight_decay=weight_decay,
-        betas=tuple(betas), eps=eps, grad_norm_clip=grad_norm_clip, lr_scheduler=lr_scheduler,
-        warmup_steps=warmup_steps, total_steps=total_steps, **extra)
-    self._opt = (optimizer, optimizer.init(self.trainable),
-                 train.make_train_step(self.model_config, self.peft_config, optimizer,
-                                       compute_dtype=self.compute_dtype, donate=False))
+      self.trainable,
+      self.peft_config,
+      lr=lr,
+      optimizer_type=optimizer_type,
+      weight_decay=weight_decay,
+      betas=tuple(betas),
+      eps=eps,
+      grad_norm_clip=grad_norm_clip,
+      lr_scheduler=lr_scheduler,
+      warmup_steps=warmup_steps,
+      total_steps=total_steps,
+      **extra,
+    )
+    self._opt = (
+      optimizer,
+      optimizer.init(self.trainable),
+      train.make_train_step(
+        self.model_config, self.peft_config, optimizer, compute_dtype=self.compute_dtype, donate=False
+      ),
+    )
 
   def train_step(self, input_ids, attention_mask, labels) -> float:
     if self._opt is None:
       raise RuntimeError("call configure_optimizer first")
     optimizer, opt_state, step = self._opt
-    self.trainable, opt_state, metrics = step(self.trainable, opt_state, self.params,
-                                              self._batch(input_ids, attention_mask, labels),
-                                              self._dropout_rng())
+    self.trainable, opt_state, metrics = step(
+      self.trainable, opt_state, self.params, self._batch(input_ids, attention_mask, labels), self._dropout_rng()
+    )
     self._opt = (optimizer, opt_state, step)
     return float(metrics["loss"])
 
   def generate(self, input_ids, attention_mask, *, max_new_tokens, eos_token_id=None) -> np.ndarray:
     fill = eos_token_id if eos_token_id is not None else 0
-    new = jpeft_generate(self._model_params(), self.model_config, input_ids, attention_mask,
-                         max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_token_id if eos_token_id is not None else (),
-                         pad_token_id=fill, compute_dtype=self.compute_dtype)
+    new = jpeft_generate(
+      self._model_params(),
+      self.model_config,
+      input_ids,
+      attention_mask,
+      max_new_tokens=max_new_tokens,
+      eos_token_id=eos_token_id if eos_token_id is not None else (),
+      pad_token_id=fill,
+      compute_dtype=self.compute_dtype,
+    )
     return np.concatenate([np.asarray(input_ids), new.astype(np.asarray(input_ids).dtype)], axis=1)
 
   def merge(self) -> None:

@@ -6,111 +6,112 @@ import os
 
 import numpy as np
 
+
 def make_tiny_llama(
-    folder: str,
-    *,
-    seed: int = 0,
-    tie_word_embeddings: bool = False,
-    num_key_value_heads: int = 2,
-    rope_scaling: dict | None = None,
-    vocab_size: int = 256,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    attention_bias: bool = False,
-    mlp_bias: bool = False,
-    max_position_embeddings: int = 64,
-    rope_theta: float = 10000.0,
-    initializer_range: float = 0.2,
+  folder: str,
+  *,
+  seed: int = 0,
+  tie_word_embeddings: bool = False,
+  num_key_value_heads: int = 2,
+  rope_scaling: dict | None = None,
+  vocab_size: int = 256,
+  hidden_size: int = 64,
+  intermediate_size: int = 128,
+  num_hidden_layers: int = 2,
+  num_attention_heads: int = 4,
+  attention_bias: bool = False,
+  mlp_bias: bool = False,
+  max_position_embeddings: int = 64,
+  rope_theta: float = 10000.0,
+  initializer_range: float = 0.2,
 ) -> str:
-    """Save a random fp32 ``LlamaForCausalLM`` (safetensors) into ``folder`` and return ``folder``.
+  """Save a random fp32 ``LlamaForCausalLM`` (safetensors) into ``folder`` and return ``folder``.
 
-    Weights are drawn with a larger std than Hugging Face's default so that logits are far from
-    zero; RMSNorm weights are ``1 + 0.1 * N(0, 1)`` and biases ``0.1 * N(0, 1)`` so that a backend
-    that drops them is caught. ``rope_scaling`` takes a transformers rope dict such as
-    ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16}``; it is stored as transformers 5's ``rope_parameters``
-    together with ``rope_theta``.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+  Weights are drawn with a larger std than Hugging Face's default so that logits are far from
+  zero; RMSNorm weights are ``1 + 0.1 * N(0, 1)`` and biases ``0.1 * N(0, 1)`` so that a backend
+  that drops them is caught. ``rope_scaling`` takes a transformers rope dict such as
+  ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16}``; it is stored as transformers 5's ``rope_parameters``
+  together with ``rope_theta``.
+  """
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
 
-    rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
-    if rope_scaling is not None:
-        rope_parameters = dict(rope_scaling)
-        if "type" in rope_parameters and "rope_type" not in rope_parameters:
-            rope_parameters["rope_type"] = rope_parameters.pop("type")
-        rope_parameters.setdefault("rope_theta", float(rope_theta))
+  rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+  if rope_scaling is not None:
+    rope_parameters = dict(rope_scaling)
+    if "type" in rope_parameters and "rope_type" not in rope_parameters:
+      rope_parameters["rope_type"] = rope_parameters.pop("type")
+    rope_parameters.setdefault("rope_theta", float(rope_theta))
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range,
-        tie_word_embeddings=tie_word_embeddings,
-        attention_bias=attention_bias,
-        mlp_bias=mlp_bias,
-        rope_parameters=rope_parameters,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-        dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+  config = LlamaConfig(
+    vocab_size=vocab_size,
+    hidden_size=hidden_size,
+    intermediate_size=intermediate_size,
+    num_hidden_layers=num_hidden_layers,
+    num_attention_heads=num_attention_heads,
+    num_key_value_heads=num_key_value_heads,
+    max_position_embeddings=max_position_embeddings,
+    initializer_range=initializer_range,
+    tie_word_embeddings=tie_word_embeddings,
+    attention_bias=attention_bias,
+    mlp_bias=mlp_bias,
+    rope_parameters=rope_parameters,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+    dtype="float32",
+  )
+  torch.manual_seed(seed)
+  model = LlamaForCausalLM(config).to(torch.float32)
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith("norm.weight"):
+        param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+      elif name.endswith(".bias"):
+        param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+  os.makedirs(folder, exist_ok=True)
+  model.save_pretrained(folder, safe_serialization=True)
+  return folder
 
 
 def make_batch(
-    seed: int,
-    batch: int,
-    seq_len: int,
-    vocab_size: int,
-    *,
-    pad: str = "right",
-    pad_token_id: int = 0,
-    min_token_id: int = 3,
+  seed: int,
+  batch: int,
+  seq_len: int,
+  vocab_size: int,
+  *,
+  pad: str = "right",
+  pad_token_id: int = 0,
+  min_token_id: int = 3,
 ) -> dict[str, np.ndarray]:
-    """A random batch with padded rows of varying length.
+  """A random batch with padded rows of varying length.
 
-    Row 0 has the full length ``seq_len``; the others are between ``seq_len // 2`` and
-    ``seq_len`` tokens long, padded on the ``pad`` side ("right" or "left") with
-    ``pad_token_id``. Tokens are drawn from ``[min_token_id, vocab_size)`` (never the pad id).
-    ``labels`` are the tokens, with -100 on padding and on a prompt prefix of each row (the
-    first one to half of its tokens). Arrays are int32.
-    """
-    if pad not in ("right", "left"):
-        raise ValueError(f"pad must be 'right' or 'left', got {pad!r}")
-    if seq_len < 2:
-        raise ValueError("seq_len must be at least 2")
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(max(2, seq_len // 2), seq_len + 1, size=batch)
-    lengths[0] = seq_len
-    input_ids = np.full((batch, seq_len), pad_token_id, dtype=np.int32)
-    attention_mask = np.zeros((batch, seq_len), dtype=np.int32)
-    labels = np.full((batch, seq_len), -100, dtype=np.int32)
-    for row, length in enumerate(lengths):
-        tokens = rng.integers(min_token_id, vocab_size, size=length)
-        tokens[tokens == pad_token_id] = min_token_id if min_token_id != pad_token_id else min_token_id + 1
-        prompt = int(rng.integers(1, max(1, length // 2) + 1))
-        row_labels = tokens.copy()
-        row_labels[:prompt] = -100
-        sl = slice(0, length) if pad == "right" else slice(seq_len - length, seq_len)
-        input_ids[row, sl] = tokens
-        attention_mask[row, sl] = 1
-        labels[row, sl] = row_labels
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+  Row 0 has the full length ``seq_len``; the others are between ``seq_len // 2`` and
+  ``seq_len`` tokens long, padded on the ``pad`` side ("right" or "left") with
+  ``pad_token_id``. Tokens are drawn from ``[min_token_id, vocab_size)`` (never the pad id).
+  ``labels`` are the tokens, with -100 on padding and on a prompt prefix of each row (the
+  first one to half of its tokens). Arrays are int32.
+  """
+  if pad not in ("right", "left"):
+    raise ValueError(f"pad must be 'right' or 'left', got {pad!r}")
+  if seq_len < 2:
+    raise ValueError("seq_len must be at least 2")
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(max(2, seq_len // 2), seq_len + 1, size=batch)
+  lengths[0] = seq_len
+  input_ids = np.full((batch, seq_len), pad_token_id, dtype=np.int32)
+  attention_mask = np.zeros((batch, seq_len), dtype=np.int32)
+  labels = np.full((batch, seq_len), -100, dtype=np.int32)
+  for row, length in enumerate(lengths):
+    tokens = rng.integers(min_token_id, vocab_size, size=length)
+    tokens[tokens == pad_token_id] = min_token_id if min_token_id != pad_token_id else min_token_id + 1
+    prompt = int(rng.integers(1, max(1, length // 2) + 1))
+    row_labels = tokens.copy()
+    row_labels[:prompt] = -100
+    sl = slice(0, length) if pad == "right" else slice(seq_len - length, seq_len)
+    input_ids[row, sl] = tokens
+    attention_mask[row, sl] = 1
+    labels[row, sl] = row_labels
+  return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

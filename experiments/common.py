@@ -36,24 +36,30 @@ PEFT_FORGETTING_MAX_LENGTH = 768
 
 # Keys of the training params that this runner adds to PEFT's (the data and the extra measurements).
 RUNNER_KEYS: dict[str, str] = {
-    "train_data": "math QA source for training: a .jsonl/.json/.parquet file, 'embedded:train', or a hub id "
-                  "(optionally 'hub/id:split')",
-    "valid_data": "math QA source for validation during training (same forms; null: no validation)",
-    "test_data": "math QA source for the final test (same forms; null: no test)",
-    "forgetting_data": "general-text file for the forgetting loss (.jsonl/.json with 'text', or plain text); "
-                       "null: jpeft's built-in GENERAL_TEXT",
-    "n_train": "rows of train_data to use (null: all)",
-    "n_valid": "rows of valid_data to use (null: all)",
-    "n_test": "rows of test_data to use (null: all)",
-    "n_forgetting": "paragraphs of the forgetting text to use (null: all)",
-    "forgetting_max_length": "tokens per forgetting paragraph (PEFT: 768)",
-    "embedded_preset": "difficulty of the embedded math task: one of jpeft.data.PRESETS",
-    "n_inference": "prompts (from the test set) in the generation-speed measurement",
-    "inference_max_new_tokens": "tokens generated per prompt in the generation-speed measurement (no early stop)",
+  "train_data": "math QA source for training: a .jsonl/.json/.parquet file, 'embedded:train', or a hub id "
+  "(optionally 'hub/id:split')",
+  "valid_data": "math QA source for validation during training (same forms; null: no validation)",
+  "test_data": "math QA source for the final test (same forms; null: no test)",
+  "forgetting_data": "general-text file for the forgetting loss (.jsonl/.json with 'text', or plain text); "
+  "null: jpeft's built-in GENERAL_TEXT",
+  "n_train": "rows of train_data to use (null: all)",
+  "n_valid": "rows of valid_data to use (null: all)",
+  "n_test": "rows of test_data to use (null: all)",
+  "n_forgetting": "paragraphs of the forgetting text to use (null: all)",
+  "forgetting_max_length": "tokens per forgetting paragraph (PEFT: 768)",
+  "embedded_preset": "difficulty of the embedded math task: one of jpeft.data.PRESETS",
+  "n_inference": "prompts (from the test set) in the generation-speed measurement",
+  "inference_max_new_tokens": "tokens generated per prompt in the generation-speed measurement (no early stop)",
 }
 # PEFT training params that are about the model or torch internals; accepted by jpeft's TrainConfig and unused.
-_TORCH_ONLY_KEYS = ("compile", "use_gc", "use_amp", "autocast_adapter_dtype", "attn_implementation",
-                    "init_kv_cache_prefix")
+_TORCH_ONLY_KEYS = (
+  "compile",
+  "use_gc",
+  "use_amp",
+  "autocast_adapter_dtype",
+  "attn_implementation",
+  "init_kv_cache_prefix",
+)
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -126,6 +132,7 @@ def list_experiments(root: str | os.PathLike = EXPERIMENTS_DIR) -> list[str]:
 def valid_param_keys() -> list[str]:
   """Every key a training-params file may hold."""
   from jpeft.trainer import TrainConfig
+
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   peft_keys = {"model_id", "dtype", "generation_kwargs", "warmup", *_TORCH_ONLY_KEYS}
   return sorted(fields | peft_keys | set(RUNNER_KEYS))
@@ -137,6 +144,7 @@ def check_param_keys(params: Mapping[str, Any], sources: Mapping[str, str]) -> N
   unknown = sorted(k for k in params if k not in valid)
   if unknown:
     import difflib
+
     parts = []
     for key in unknown:
       close = difflib.get_close_matches(key, sorted(valid), n=1)
@@ -145,8 +153,9 @@ def check_param_keys(params: Mapping[str, Any], sources: Mapping[str, str]) -> N
     raise ExperimentError(f"invalid training params key(s): {', '.join(parts)}; valid keys: {sorted(valid)}")
 
 
-def load_experiment(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
-                    defaults_path: str | os.PathLike | None = None) -> Experiment:
+def load_experiment(
+  path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *, defaults_path: str | os.PathLike | None = None
+) -> Experiment:
   """Read an experiment folder and merge its training params as PEFT does.
 
   ``overrides`` (command-line values) are applied last; ``max_new_tokens`` there replaces
@@ -163,9 +172,11 @@ def load_experiment(path: str | os.PathLike, overrides: Mapping[str, Any] | None
   if not folder.is_dir():
     known = ", ".join(list_experiments()) or "none"
     what = "is not a folder" if folder.exists() else "does not exist"
-    raise FileNotFoundError(f"experiment folder {str(path)!r} {what}; expected experiments/<method>/<name>/ "
-                            f"holding {ADAPTER_CONFIG_NAME} (+ optional {TRAINING_PARAMS_NAME}); "
-                            f"known experiments: {known}")
+    raise FileNotFoundError(
+      f"experiment folder {str(path)!r} {what}; expected experiments/<method>/<name>/ "
+      f"holding {ADAPTER_CONFIG_NAME} (+ optional {TRAINING_PARAMS_NAME}); "
+      f"known experiments: {known}"
+    )
   folder = folder.resolve()
   method, name = folder.parent.name, folder.name
 
@@ -177,15 +188,18 @@ def load_experiment(path: str | os.PathLike, overrides: Mapping[str, Any] | None
       raise ExperimentError(f"{config_path}: expected a JSON object, got {type(peft_config).__name__}")
     peft_type = peft_config.get("peft_type")
     if peft_type is None:
-      raise ExperimentError(f"{config_path}: no 'peft_type' (use {{\"peft_type\": \"{FULL_FINETUNING_MARKER}\"}} "
-                            f"for full fine-tuning)")
+      raise ExperimentError(
+        f'{config_path}: no \'peft_type\' (use {{"peft_type": "{FULL_FINETUNING_MARKER}"}} for full fine-tuning)'
+      )
     if str(peft_type).upper() == FULL_FINETUNING_MARKER:
       peft_config = None
   elif method == FULL_FINETUNING_METHOD:
     peft_config = None
   else:
-    raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG_NAME}; only experiments under "
-                            f"{FULL_FINETUNING_METHOD}/ may omit it (full fine-tuning)")
+    raise FileNotFoundError(
+      f"{folder}: no {ADAPTER_CONFIG_NAME}; only experiments under "
+      f"{FULL_FINETUNING_METHOD}/ may omit it (full fine-tuning)"
+    )
 
   defaults_path = Path(defaults_path) if defaults_path is not None else DEFAULT_TRAINING_PARAMS_PATH
   if not defaults_path.exists():
@@ -209,8 +223,7 @@ def load_experiment(path: str | os.PathLike, overrides: Mapping[str, Any] | None
     params[key] = value
     sources[key] = "command line"
   check_param_keys(params, sources)
-  exp = Experiment(path=str(folder), method=method, name=name, peft_config=peft_config, params=params,
-                   sources=sources)
+  exp = Experiment(path=str(folder), method=method, name=name, peft_config=peft_config, params=params, sources=sources)
   make_train_config(exp)  # every value check, before anything is loaded
   return exp
 
@@ -243,8 +256,9 @@ def make_train_config(exp: Experiment, **fixed):
   if params["lr_scheduler"] not in ("constant", "linear", "cosine"):
     raise ExperimentError(f"lr_scheduler {params['lr_scheduler']!r}: use null/'constant', 'linear' or 'cosine'")
   if "warmup" not in params and "warmup_steps" not in params and params["lr_scheduler"] == "cosine":
-    params["warmup_steps"] = int(PEFT_WARMUP_STEP_RATIO * int(params.get("max_steps",
-                                                                       trainer_lib.TrainConfig.max_steps)))
+    params["warmup_steps"] = int(
+      PEFT_WARMUP_STEP_RATIO * int(params.get("max_steps", trainer_lib.TrainConfig.max_steps))
+    )
   try:
     normalize_optimizer_type(str(params.get("optimizer_type", "AdamW")))
     config = trainer_lib.TrainConfig.from_dict(params, **fixed)
@@ -256,16 +270,22 @@ def make_train_config(exp: Experiment, **fixed):
       raise ExperimentError(f"{exp.experiment_name}: {key} must be a positive integer, got {getattr(config, key)!r}")
   # 0 steps evaluates the untrained model (the reference row experiments/base/)
   if not isinstance(config.max_steps, int) or config.max_steps < 0:
-    raise ExperimentError(f"{exp.experiment_name}: max_steps must be a non-negative integer, got "
-                          f"{config.max_steps!r}")
+    raise ExperimentError(f"{exp.experiment_name}: max_steps must be a non-negative integer, got {config.max_steps!r}")
   if config.eval_steps is not None and (not isinstance(config.eval_steps, int) or config.eval_steps < 0):
     raise ExperimentError(f"{exp.experiment_name}: eval_steps must be a non-negative integer or null")
   if "{query}" not in config.query_template:
     raise ExperimentError(f"{exp.experiment_name}: query_template must contain '{{query}}'")
   if exp.is_full_finetuning and normalize_optimizer_type(config.optimizer_type) != "AdamW":
     raise ExperimentError(f"{exp.experiment_name}: optimizer_type {config.optimizer_type!r} needs a LoRA adapter")
-  for key in ("n_train", "n_valid", "n_test", "n_forgetting", "n_inference", "inference_max_new_tokens",
-              "forgetting_max_length"):
+  for key in (
+    "n_train",
+    "n_valid",
+    "n_test",
+    "n_forgetting",
+    "n_inference",
+    "inference_max_new_tokens",
+    "forgetting_max_length",
+  ):
     value = exp.params.get(key)
     if value is not None and (not isinstance(value, int) or value < 0):
       raise ExperimentError(f"{exp.experiment_name}: {key} must be a non-negative integer or null, got {value!r}")
@@ -275,9 +295,13 @@ def make_train_config(exp: Experiment, **fixed):
 def optimizer_settings(config) -> dict:
   """The optimizer of the training params as keyword arguments of ``Backend.configure_optimizer``."""
   from jpeft import trainer as trainer_lib
+
   kwargs = trainer_lib.optimizer_kwargs(config)
-  out = {k: kwargs[k] for k in ("lr", "weight_decay", "grad_norm_clip", "optimizer_type", "warmup_steps",
-                                "total_steps", "lr_scheduler") if k in kwargs}
+  out = {
+    k: kwargs[k]
+    for k in ("lr", "weight_decay", "grad_norm_clip", "optimizer_type", "warmup_steps", "total_steps", "lr_scheduler")
+    if k in kwargs
+  }
   for key in ("betas", "eps", "loraplus_lr_ratio"):
     if key in kwargs:
       out[key] = kwargs[key]
@@ -302,6 +326,7 @@ class ExperimentData:
 def _split_source(source: str, default_split: str) -> tuple[str, str | None]:
   """``'hub/id:split'`` -> (hub id, split); local paths and ``embedded:<split>`` are kept whole."""
   from jpeft.data.loaders import _is_local_source
+
   if source == "embedded" or source.startswith("embedded:"):
     return source, None
   if _is_local_source(source):
@@ -329,8 +354,9 @@ def load_data(params: Mapping[str, Any]) -> ExperimentData:
       records[role], info[role] = [], {"source": source, "rows": 0}
       continue
     src, split = _split_source(str(source), default_split)
-    ds = load_math_dataset(src, split=split, limit=limit, task_config=PRESETS[preset],
-                           max_chars=CHAR_LIMIT if role == "train" else None)
+    ds = load_math_dataset(
+      src, split=split, limit=limit, task_config=PRESETS[preset], max_chars=CHAR_LIMIT if role == "train" else None
+    )
     records[role] = list(zip(ds["query"], ds["response"]))
     info[role] = {"source": str(source), "split": split, "rows": len(records[role])}
     if src.startswith("embedded"):
@@ -350,8 +376,13 @@ def pad_token_id(tokenizer) -> int:
 def tokenize_train(tokenizer, records: Sequence[tuple[str, str]], config) -> list[dict]:
   """The train examples exactly as ``jpeft.trainer.Trainer`` tokenises them."""
   from jpeft.data import tokenize_example
-  return [tokenize_example(tokenizer, q, r, config.query_template, max_length=config.max_seq_length,
-                           mask_prompt=config.mask_prompt) for q, r in records]
+
+  return [
+    tokenize_example(
+      tokenizer, q, r, config.query_template, max_length=config.max_seq_length, mask_prompt=config.mask_prompt
+    )
+    for q, r in records
+  ]
 
 
 def drop_unlabelled(tokenizer, data: ExperimentData, config) -> ExperimentData:
@@ -366,18 +397,25 @@ def drop_unlabelled(tokenizer, data: ExperimentData, config) -> ExperimentData:
     return data
   if not keep:
     raise ExperimentError(f"no train example keeps an answer token within max_seq_length={config.max_seq_length}")
-  info = dict(data.info, train=dict(data.info["train"], rows=len(keep),
-                                    dropped_without_answer_tokens=len(data.train) - len(keep)))
+  info = dict(
+    data.info, train=dict(data.info["train"], rows=len(keep), dropped_without_answer_tokens=len(data.train) - len(keep))
+  )
   return dataclasses.replace(data, train=keep, info=info)
 
 
 def train_schedule(examples: Sequence[dict], config) -> list[list[int]]:
   """Example indices of every step, exactly ``jpeft.trainer.Trainer.schedule()``."""
   from jpeft.trainer import batch_schedule
+
   lengths = [len(ex["input_ids"]) for ex in examples]
-  return batch_schedule(lengths, config.batch_size, config.max_steps, seed=config.seed,
-                        bucket_factor=config.bucket_factor,
-                        pad_to_multiple=None if config.pad_powers_of_two else config.pad_multiple)
+  return batch_schedule(
+    lengths,
+    config.batch_size,
+    config.max_steps,
+    seed=config.seed,
+    bucket_factor=config.bucket_factor,
+    pad_to_multiple=None if config.pad_powers_of_two else config.pad_multiple,
+  )
 
 
 def schedule_digest(schedule: Sequence[Sequence[int]]) -> str:
@@ -389,9 +427,14 @@ def train_batch(examples: Sequence[dict], indices: Sequence[int], config, pad_id
   """Right-padded (rows, padded length) arrays of one step, as the jax trainer pads them (without filler rows),
   and the number of non-pad tokens."""
   from jpeft.data import choose_padded_length, collate
+
   chosen = [examples[i] for i in indices]
-  length = choose_padded_length(max(len(ex["input_ids"]) for ex in chosen), multiple=config.pad_multiple,
-                                max_length=config.max_seq_length, powers_of_two=config.pad_powers_of_two)
+  length = choose_padded_length(
+    max(len(ex["input_ids"]) for ex in chosen),
+    multiple=config.pad_multiple,
+    max_length=config.max_seq_length,
+    powers_of_two=config.pad_powers_of_two,
+  )
   batch = collate(chosen, pad_token_id=pad_id, length=length)
   return batch, int(batch["attention_mask"].sum())
 
@@ -402,18 +445,19 @@ def prompt_batches(tokenizer, queries: Sequence[str], config, pad_id: int, rows:
   Yields (input_ids, attention_mask) of at most ``rows`` (default ``batch_size_eval``) prompts each.
   """
   from jpeft.data import choose_padded_length, tokenize_prompt
-  prompts = [tokenize_prompt(tokenizer, q, config.query_template, max_length=config.max_seq_length)
-             for q in queries]
+
+  prompts = [tokenize_prompt(tokenizer, q, config.query_template, max_length=config.max_seq_length) for q in queries]
   rows = max(1, min(rows or config.batch_size_eval, len(prompts) or 1))
   for start in range(0, len(prompts), rows):
-    chunk = prompts[start:start + rows]
-    length = choose_padded_length(max(len(p) for p in chunk), multiple=config.pad_multiple,
-                                  powers_of_two=config.pad_powers_of_two)
+    chunk = prompts[start : start + rows]
+    length = choose_padded_length(
+      max(len(p) for p in chunk), multiple=config.pad_multiple, powers_of_two=config.pad_powers_of_two
+    )
     ids = np.full((len(chunk), length), pad_id, np.int32)
     mask = np.zeros((len(chunk), length), np.int32)
     for i, p in enumerate(chunk):
-      ids[i, length - len(p):] = p
-      mask[i, length - len(p):] = 1
+      ids[i, length - len(p) :] = p
+      mask[i, length - len(p) :] = 1
     yield ids, mask
 
 
@@ -423,13 +467,14 @@ def decode_new_tokens(tokenizer, new_tokens: np.ndarray, eos_id: int) -> list[st
   for row in np.asarray(new_tokens):
     row = [int(t) for t in row]
     if eos_id in row:
-      row = row[:row.index(eos_id)]
+      row = row[: row.index(eos_id)]
     texts.append(tokenizer.decode(row, skip_special_tokens=True))
   return texts
 
 
-def forgetting_batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int, pad_id: int,
-                       multiple: int = 64) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def forgetting_batches(
+  tokenizer, texts: Sequence[str], *, batch_size: int, max_length: int, pad_id: int, multiple: int = 64
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Left-padded (input_ids, attention_mask, labels) batches of the forgetting texts, all of one padded length.
 
   The labels select what PEFT's ``calculate_mean_per_token_loss`` scores: every real token after the first
@@ -437,6 +482,7 @@ def forgetting_batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_
   the sum of PEFT's per-token losses.
   """
   from jpeft.data import choose_padded_length
+
   ids_list = []
   for text in texts:
     out = tokenizer(text, add_special_tokens=True)
@@ -448,14 +494,14 @@ def forgetting_batches(tokenizer, texts: Sequence[str], *, batch_size: int, max_
   length = choose_padded_length(max(len(i) for i in ids_list), multiple=multiple, max_length=max_length)
   batches = []
   for start in range(0, len(ids_list), batch_size):
-    chunk = ids_list[start:start + batch_size]
+    chunk = ids_list[start : start + batch_size]
     ids = np.full((len(chunk), length), pad_id, np.int32)
     mask = np.zeros((len(chunk), length), np.int32)
     labels = np.full((len(chunk), length), -100, np.int32)
     for i, row in enumerate(chunk):
-      ids[i, length - len(row):] = row
-      mask[i, length - len(row):] = 1
-      labels[i, length - len(row) + 1:] = row[1:]
+      ids[i, length - len(row) :] = row
+      mask[i, length - len(row) :] = 1
+      labels[i, length - len(row) + 1 :] = row[1:]
     batches.append((ids, mask, labels))
   return batches
 
@@ -497,9 +543,22 @@ def mean_or_none(values: Sequence[float]) -> float | None:
 
 def package_info() -> dict:
   import importlib.metadata
+
   out = {}
-  for pkg in ("jpeft", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "peft", "torch",
-              "datasets", "safetensors", "tokenizers"):
+  for pkg in (
+    "jpeft",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "transformers",
+    "peft",
+    "torch",
+    "datasets",
+    "safetensors",
+    "tokenizers",
+  ):
     try:
       out[f"{pkg}-version"] = importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -508,9 +567,16 @@ def package_info() -> dict:
 
 
 def system_info(accelerator: str) -> dict:
-  return {"system": platform.system(), "release": platform.release(), "version": platform.version(),
-          "machine": platform.machine(), "processor": platform.processor(), "accelerator": accelerator,
-          "cpu_count": os.cpu_count(), "python": platform.python_version()}
+  return {
+    "system": platform.system(),
+    "release": platform.release(),
+    "version": platform.version(),
+    "machine": platform.machine(),
+    "processor": platform.processor(),
+    "accelerator": accelerator,
+    "cpu_count": os.cpu_count(),
+    "python": platform.python_version(),
+  }
 
 
 def now_iso() -> str:

@@ -20,9 +20,23 @@ from absl import app, flags
 
 from experiments import common
 
-COLUMNS = ("method", "name", "backend", "steps", "test acc", "valid acc", "peak mem (MiB)", "train time (s)",
-           "compile (s)", "tokens/s", "ckpt size (MB)", "trainable params", "forgetting Δ",
-           "gen overhead unmerged", "gen overhead merged")
+COLUMNS = (
+  "method",
+  "name",
+  "backend",
+  "steps",
+  "test acc",
+  "valid acc",
+  "peak mem (MiB)",
+  "train time (s)",
+  "compile (s)",
+  "tokens/s",
+  "ckpt size (MB)",
+  "trainable params",
+  "forgetting Δ",
+  "gen overhead unmerged",
+  "gen overhead merged",
+)
 _BACKEND_STYLE = {"jax": ("o", "tab:blue"), "torch": ("s", "tab:orange")}
 _OTHER_STYLE = ("^", "tab:gray")
 
@@ -50,24 +64,26 @@ def summarize(result: dict, filename: str = "") -> dict:
   test_acc = info.get("test_accuracy", _last(metrics, "test accuracy"))
   train_config = run.get("train_config") or {}
   return {
-      "method": method, "name": name, "backend": backend,
-      "max_steps": train_config.get("max_steps"),
-      "schedule_sha256": info.get("batch_schedule_sha256"),
-      "memory_baseline_bytes": info.get("memory_baseline_bytes"),
-      "test_accuracy": test_acc,
-      "valid_accuracy": info.get("valid_accuracy", _last(metrics, "valid accuracy")),
-      "peak_memory_bytes": info.get("peak_memory_bytes", info.get("accelerator_memory_max")),
-      "train_time": info.get("train_time"),
-      "compile_time": info.get("compile_time"),
-      "tokens_per_sec": info.get("tokens_per_sec", _last(metrics, "tokens / sec")),
-      "file_size": info.get("file_size"),
-      "file_size_estimated": bool(info.get("file_size_estimated")),
-      "num_trainable_params": info.get("num_trainable_params"),
-      "forgetting_delta": forgetting_delta,
-      "unmerged_overhead": inference.get("unmerged_overhead"),
-      "merged_overhead": inference.get("merged_overhead"),
-      "status": info.get("status"),
-      "file": filename,
+    "method": method,
+    "name": name,
+    "backend": backend,
+    "max_steps": train_config.get("max_steps"),
+    "schedule_sha256": info.get("batch_schedule_sha256"),
+    "memory_baseline_bytes": info.get("memory_baseline_bytes"),
+    "test_accuracy": test_acc,
+    "valid_accuracy": info.get("valid_accuracy", _last(metrics, "valid accuracy")),
+    "peak_memory_bytes": info.get("peak_memory_bytes", info.get("accelerator_memory_max")),
+    "train_time": info.get("train_time"),
+    "compile_time": info.get("compile_time"),
+    "tokens_per_sec": info.get("tokens_per_sec", _last(metrics, "tokens / sec")),
+    "file_size": info.get("file_size"),
+    "file_size_estimated": bool(info.get("file_size_estimated")),
+    "num_trainable_params": info.get("num_trainable_params"),
+    "forgetting_delta": forgetting_delta,
+    "unmerged_overhead": inference.get("unmerged_overhead"),
+    "merged_overhead": inference.get("merged_overhead"),
+    "status": info.get("status"),
+    "file": filename,
   }
 
 
@@ -100,11 +116,23 @@ def markdown_table(rows: Sequence[dict]) -> str:
   lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
   for r in rows:
     size = _num(r["file_size"], ".2f", 1e6) + ("~" if r["file_size_estimated"] and r["file_size"] else "")
-    cells = [r["method"], r["name"], r["backend"], _num(r["max_steps"], "d"), _num(r["test_accuracy"], ".3f"),
-             _num(r["valid_accuracy"], ".3f"), _num(r["peak_memory_bytes"], ".0f", 2**20),
-             _num(r["train_time"], ".1f"), _num(r["compile_time"], ".1f"), _num(r["tokens_per_sec"], ".0f"),
-             size, _num(r["num_trainable_params"], ","), _num(r["forgetting_delta"], "+.4f"),
-             _pct(r["unmerged_overhead"]), _pct(r["merged_overhead"])]
+    cells = [
+      r["method"],
+      r["name"],
+      r["backend"],
+      _num(r["max_steps"], "d"),
+      _num(r["test_accuracy"], ".3f"),
+      _num(r["valid_accuracy"], ".3f"),
+      _num(r["peak_memory_bytes"], ".0f", 2**20),
+      _num(r["train_time"], ".1f"),
+      _num(r["compile_time"], ".1f"),
+      _num(r["tokens_per_sec"], ".0f"),
+      size,
+      _num(r["num_trainable_params"], ","),
+      _num(r["forgetting_delta"], "+.4f"),
+      _pct(r["unmerged_overhead"]),
+      _pct(r["merged_overhead"]),
+    ]
     if is_reference(r):  # no method was trained: only the accuracy (and the forgetting baseline) mean something
       cells = cells[:6] + ["-"] * (len(cells) - 6)
     lines.append("| " + " | ".join(cells) + " |")
@@ -129,34 +157,61 @@ def backend_pairs(rows: Sequence[dict], numerator: str = "jax", denominator: str
     b = by_key.get((method, name, denominator))
     if backend != numerator or b is None or is_reference(a):
       continue
-    above = lambda r: (r["peak_memory_bytes"] - r["memory_baseline_bytes"]  # noqa: E731
-                       if r["peak_memory_bytes"] and r["memory_baseline_bytes"] is not None else None)
-    pairs.append({
-        "method": method, "name": name,
+    above = lambda r: (
+      r["peak_memory_bytes"] - r["memory_baseline_bytes"]  # noqa: E731
+      if r["peak_memory_bytes"] and r["memory_baseline_bytes"] is not None
+      else None
+    )
+    pairs.append(
+      {
+        "method": method,
+        "name": name,
         "test_accuracy": (a["test_accuracy"], b["test_accuracy"]),
         "tokens_per_sec": (a["tokens_per_sec"], b["tokens_per_sec"]),
         "tokens_per_sec_ratio": _ratio(a["tokens_per_sec"], b["tokens_per_sec"]),
         "peak_memory_ratio": _ratio(a["peak_memory_bytes"], b["peak_memory_bytes"]),
         "peak_above_baseline_ratio": _ratio(above(a), above(b)),
         "train_time_ratio": _ratio(a["train_time"], b["train_time"]),
-        "same_batches": (a["schedule_sha256"] == b["schedule_sha256"]
-                         if a["schedule_sha256"] and b["schedule_sha256"] else None),
-    })
+        "same_batches": (
+          a["schedule_sha256"] == b["schedule_sha256"] if a["schedule_sha256"] and b["schedule_sha256"] else None
+        ),
+      }
+    )
   return pairs
 
 
 def pairs_table(pairs: Sequence[dict]) -> str:
-  cols = ("experiment", "test acc jax / torch", "tokens/s jax / torch", "tokens/s ratio", "peak mem ratio",
-          "peak above baseline ratio", "train time ratio", "same batches")
+  cols = (
+    "experiment",
+    "test acc jax / torch",
+    "tokens/s jax / torch",
+    "tokens/s ratio",
+    "peak mem ratio",
+    "peak above baseline ratio",
+    "train time ratio",
+    "same batches",
+  )
   lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
   for p in pairs:
     ta, tb = p["test_accuracy"]
     sa, sb = p["tokens_per_sec"]
     same = {True: "yes", False: "NO", None: "-"}[p["same_batches"]]
-    lines.append("| " + " | ".join([
-        f"{p['method']}/{p['name']}", f"{_num(ta, '.3f')} / {_num(tb, '.3f')}", f"{_num(sa, '.0f')} / {_num(sb, '.0f')}",
-        _num(p["tokens_per_sec_ratio"], ".2f") + "x", _num(p["peak_memory_ratio"], ".2f") + "x",
-        _num(p["peak_above_baseline_ratio"], ".2f") + "x", _num(p["train_time_ratio"], ".2f") + "x", same]) + " |")
+    lines.append(
+      "| "
+      + " | ".join(
+        [
+          f"{p['method']}/{p['name']}",
+          f"{_num(ta, '.3f')} / {_num(tb, '.3f')}",
+          f"{_num(sa, '.0f')} / {_num(sb, '.0f')}",
+          _num(p["tokens_per_sec_ratio"], ".2f") + "x",
+          _num(p["peak_memory_ratio"], ".2f") + "x",
+          _num(p["peak_above_baseline_ratio"], ".2f") + "x",
+          _num(p["train_time_ratio"], ".2f") + "x",
+          same,
+        ]
+      )
+      + " |"
+    )
   return "\n".join(lines)
 
 
@@ -175,7 +230,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def _short(row: dict) -> str:
   name = row["name"]
   for prefix in ("smollm2-",):
-    name = name[len(prefix):] if name.startswith(prefix) else name
+    name = name[len(prefix) :] if name.startswith(prefix) else name
   return f"{row['method']}/{name}" if name else row["method"]
 
 
@@ -183,6 +238,7 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
   """Write the Pareto plot, one panel per backend (peak memory is only comparable within a backend's runtime);
   None when no row has both a test accuracy and a peak memory."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.lines import Line2D
@@ -200,12 +256,26 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
     mine = sorted((r for r in usable if r["backend"] == backend), key=lambda r: r["peak_memory_bytes"])
     points = [(r["peak_memory_bytes"] / 2**20, r["test_accuracy"]) for r in mine]
     for i, (r, (x, y)) in enumerate(zip(mine, points)):
-      ax.scatter(x, y, s=30 + 600 * math.sqrt((r["file_size"] or 0) / biggest), marker=marker, c=colour,
-                 alpha=0.6, edgecolors="black", linewidths=0.5)
+      ax.scatter(
+        x,
+        y,
+        s=30 + 600 * math.sqrt((r["file_size"] or 0) / biggest),
+        marker=marker,
+        c=colour,
+        alpha=0.6,
+        edgecolors="black",
+        linewidths=0.5,
+      )
       # labels alternate right/left of their point so that neighbours stay readable
       right = i % 2 == 0
-      ax.annotate(_short(r), (x, y), textcoords="offset points", xytext=(7 if right else -7, 2 - 6 * (i % 3 == 2)),
-                  ha="left" if right else "right", fontsize=7)
+      ax.annotate(
+        _short(r),
+        (x, y),
+        textcoords="offset points",
+        xytext=(7 if right else -7, 2 - 6 * (i % 3 == 2)),
+        ha="left" if right else "right",
+        fontsize=7,
+      )
     front = pareto_front(points)
     if front:
       xs = [points[i][0] for i in front] + [max(p[0] for p in points)]
@@ -213,18 +283,38 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
       ax.step(xs, ys, where="post", color="tab:red", linestyle="--", linewidth=1.2)
     for j, r in enumerate(x for x in levels if x["backend"] == backend):
       ax.axhline(r["test_accuracy"], color="tab:gray", linestyle=":", linewidth=1.2)
-      ax.annotate(f"untrained ({_short(r)}): {r['test_accuracy']:.3f}", (points[0][0], r["test_accuracy"]),
-                  textcoords="offset points", xytext=(0, -10 - 9 * j), fontsize=7, color="tab:gray")
+      ax.annotate(
+        f"untrained ({_short(r)}): {r['test_accuracy']:.3f}",
+        (points[0][0], r["test_accuracy"]),
+        textcoords="offset points",
+        xytext=(0, -10 - 9 * j),
+        fontsize=7,
+        color="tab:gray",
+      )
     lo, hi = points[0][0], points[-1][0]
     pad = max(0.08 * (hi - lo), 50.0)
     ax.set_xlim(lo - 2.5 * pad, hi + 2.5 * pad)
     ax.set_xlabel("peak memory (MiB)")
     ax.set_title(f"{backend}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(handles=[Line2D([], [], linestyle="none", marker=marker, markersize=8, markerfacecolor=colour,
-                              markeredgecolor="black", alpha=0.6, label=backend),
-                       Line2D([], [], color="tab:red", linestyle="--", label="Pareto front")],
-              loc="lower right", fontsize=8)
+    ax.legend(
+      handles=[
+        Line2D(
+          [],
+          [],
+          linestyle="none",
+          marker=marker,
+          markersize=8,
+          markerfacecolor=colour,
+          markeredgecolor="black",
+          alpha=0.6,
+          label=backend,
+        ),
+        Line2D([], [], color="tab:red", linestyle="--", label="Pareto front"),
+      ],
+      loc="lower right",
+      fontsize=8,
+    )
   axes[0][0].set_ylabel("test accuracy")
   axes[0][0].set_ylim(-0.06 if levels else -0.02, min(1.05, max(0.1, 1.15 * top)))
   fig.suptitle(title + " (marker size: checkpoint size)")
@@ -235,8 +325,9 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
   return path
 
 
-def make_report(results_dir: str | os.PathLike = common.DEFAULT_RESULTS_DIR, out: str | None = None,
-                plot_path: str | None = None) -> dict[str, Any]:
+def make_report(
+  results_dir: str | os.PathLike = common.DEFAULT_RESULTS_DIR, out: str | None = None, plot_path: str | None = None
+) -> dict[str, Any]:
   """Table + plot of every result in ``results_dir``; returns {"rows", "table", "table_path", "plot_path"}."""
   results_dir = str(results_dir)
   rows = load_rows(results_dir)
@@ -246,33 +337,49 @@ def make_report(results_dir: str | os.PathLike = common.DEFAULT_RESULTS_DIR, out
   pairs = backend_pairs(rows)
   written_plot = plot(rows, plot_path)
   notes = [
-      "# Method comparison results",
-      "",
-      f"{len(rows)} result(s) from `{results_dir}`. Peak memory: device peak on an accelerator, else the process's "
-      "peak RSS. Train time excludes compilation (jax) and evaluation. Checkpoint size: "
-      "`adapter_model.safetensors` as saved (`~`: estimated as parameters x bytes, PEFT's rule for full "
-      "fine-tuning). Forgetting Δ: mean per-token loss on general text after minus before training. "
-      "Generation overhead: base tokens/s divided by the adapted model's, minus one.",
-      "",
-      table,
-      "",
+    "# Method comparison results",
+    "",
+    f"{len(rows)} result(s) from `{results_dir}`. Peak memory: device peak on an accelerator, else the process's "
+    "peak RSS. Train time excludes compilation (jax) and evaluation. Checkpoint size: "
+    "`adapter_model.safetensors` as saved (`~`: estimated as parameters x bytes, PEFT's rule for full "
+    "fine-tuning). Forgetting Δ: mean per-token loss on general text after minus before training. "
+    "Generation overhead: base tokens/s divided by the adapted model's, minus one.",
+    "",
+    table,
+    "",
   ]
   if any(is_reference(r) for r in rows):
-    notes += ["Rows with 0 steps are the untrained model (the accuracy floor); the plot draws them as dotted "
-              "levels.", ""]
+    notes += [
+      "Rows with 0 steps are the untrained model (the accuracy floor); the plot draws them as dotted levels.",
+      "",
+    ]
   if pairs:
-    notes += ["## The same experiment on both backends", "",
-              "jax (jpeft) over torch (transformers + PEFT), from the result files above. Tokens/s: non-pad "
-              "train tokens per second of timed steps; peak memory: as in the table; above baseline: minus the "
-              "process's memory before the model was loaded; same batches: equal batch-schedule hashes.", "",
-              pairs_table(pairs), ""]
+    notes += [
+      "## The same experiment on both backends",
+      "",
+      "jax (jpeft) over torch (transformers + PEFT), from the result files above. Tokens/s: non-pad "
+      "train tokens per second of timed steps; peak memory: as in the table; above baseline: minus the "
+      "process's memory before the model was loaded; same batches: equal batch-schedule hashes.",
+      "",
+      pairs_table(pairs),
+      "",
+    ]
   if written_plot:
-    notes += [f"![test accuracy vs peak memory]({os.path.relpath(written_plot, os.path.dirname(os.path.abspath(out)))})", ""]
+    notes += [
+      f"![test accuracy vs peak memory]({os.path.relpath(written_plot, os.path.dirname(os.path.abspath(out)))})",
+      "",
+    ]
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:
     f.write("\n".join(notes))
-  return {"rows": rows, "table": table, "pairs": pairs, "pairs_table": pairs_table(pairs) if pairs else "",
-          "table_path": out, "plot_path": written_plot}
+  return {
+    "rows": rows,
+    "table": table,
+    "pairs": pairs,
+    "pairs_table": pairs_table(pairs) if pairs else "",
+    "table_path": out,
+    "plot_path": written_plot,
+  }
 
 
 FLAGS = flags.FLAGS

@@ -24,27 +24,27 @@ from experiments.runners import run_experiment  # noqa: E402
 
 # command-line overrides of training-params keys (None: keep the experiment's value)
 _INT_OVERRIDES = {
-    "max_steps": "optimizer steps",
-    "batch_size": "train rows per step",
-    "batch_size_eval": "prompts per generation batch",
-    "eval_steps": "validate every this many steps (0: only the final test)",
-    "max_seq_length": "token cap of train examples and prompts",
-    "max_new_tokens": "generation budget per prompt (generation_kwargs.max_new_tokens)",
-    "seed": "seed of the adapter init and the data order",
-    "warmup_steps": "linear warmup steps (default: PEFT's 10% of max_steps for cosine)",
-    "n_train": "rows of the train data",
-    "n_valid": "rows of the validation data",
-    "n_test": "rows of the test data",
-    "n_forgetting": "paragraphs of the forgetting text",
-    "n_inference": "prompts of the generation-speed measurement",
-    "inference_max_new_tokens": "tokens per prompt of the generation-speed measurement",
+  "max_steps": "optimizer steps",
+  "batch_size": "train rows per step",
+  "batch_size_eval": "prompts per generation batch",
+  "eval_steps": "validate every this many steps (0: only the final test)",
+  "max_seq_length": "token cap of train examples and prompts",
+  "max_new_tokens": "generation budget per prompt (generation_kwargs.max_new_tokens)",
+  "seed": "seed of the adapter init and the data order",
+  "warmup_steps": "linear warmup steps (default: PEFT's 10% of max_steps for cosine)",
+  "n_train": "rows of the train data",
+  "n_valid": "rows of the validation data",
+  "n_test": "rows of the test data",
+  "n_forgetting": "paragraphs of the forgetting text",
+  "n_inference": "prompts of the generation-speed measurement",
+  "inference_max_new_tokens": "tokens per prompt of the generation-speed measurement",
 }
 _STR_OVERRIDES = {
-    "train_data": "train data source (file, embedded:train, hub id[:split])",
-    "valid_data": "validation data source",
-    "test_data": "test data source",
-    "forgetting_data": "general-text file for the forgetting loss",
-    "dtype": "model dtype: float32, bfloat16",
+  "train_data": "train data source (file, embedded:train, hub id[:split])",
+  "valid_data": "validation data source",
+  "test_data": "test data source",
+  "forgetting_data": "general-text file for the forgetting loss",
+  "dtype": "model dtype: float32, bfloat16",
 }
 
 FLAGS = flags.FLAGS
@@ -54,12 +54,19 @@ def define_flags() -> None:
   """The command-line flags (defined only when this module is the program, so importing it defines none)."""
   flags.DEFINE_string("experiment", None, "experiment folder: experiments/<method>/<name>")
   flags.DEFINE_enum("backend", "jax", list(common.BACKENDS), "jax (jpeft) or torch (transformers + PEFT)")
-  flags.DEFINE_string("model", None, "model source instead of the params' model_id: registry name "
-                      "(smollm2-135m), local HF folder, .gguf file or hub id")
+  flags.DEFINE_string(
+    "model",
+    None,
+    "model source instead of the params' model_id: registry name (smollm2-135m), local HF folder, .gguf file or hub id",
+  )
   flags.DEFINE_string("tokenizer", None, "tokenizer source (default: the model's)")
   flags.DEFINE_string("results_dir", str(common.DEFAULT_RESULTS_DIR), "where the result JSON goes")
-  flags.DEFINE_string("save_dir", None, "keep the trained adapter in <save_dir>/<method>--<name>--<backend>/ "
-                      "(default: saved to a temporary folder for its size, then deleted)")
+  flags.DEFINE_string(
+    "save_dir",
+    None,
+    "keep the trained adapter in <save_dir>/<method>--<name>--<backend>/ "
+    "(default: saved to a temporary folder for its size, then deleted)",
+  )
   flags.DEFINE_string("checkpoint_dir", None, "jax: orbax checkpoints of the run (resumes from the latest)")
   flags.DEFINE_float("lr", None, "learning rate (replaces optimizer_kwargs['lr'] only)")
   flags.DEFINE_bool("progress", True, "show a tqdm progress bar")
@@ -84,20 +91,35 @@ def main(argv):
   if not FLAGS.experiment:
     raise app.UsageError("--experiment=experiments/<method>/<name> is required")
   from jpeft import config as config_lib
+
   try:
-    result, path = run_experiment(FLAGS.experiment, FLAGS.backend, overrides=_overrides_from_flags(),
-                                  model=FLAGS.model, tokenizer=FLAGS.tokenizer, results_dir=FLAGS.results_dir,
-                                  save_dir=FLAGS.save_dir, checkpoint_dir=FLAGS.checkpoint_dir,
-                                  progress=FLAGS.progress, lr=FLAGS.lr)
-  except (common.ExperimentError, FileNotFoundError, config_lib.UnsupportedConfigError,
-          config_lib.InvalidConfigError) as exc:
+    result, path = run_experiment(
+      FLAGS.experiment,
+      FLAGS.backend,
+      overrides=_overrides_from_flags(),
+      model=FLAGS.model,
+      tokenizer=FLAGS.tokenizer,
+      results_dir=FLAGS.results_dir,
+      save_dir=FLAGS.save_dir,
+      checkpoint_dir=FLAGS.checkpoint_dir,
+      progress=FLAGS.progress,
+      lr=FLAGS.lr,
+    )
+  except (
+    common.ExperimentError,
+    FileNotFoundError,
+    config_lib.UnsupportedConfigError,
+    config_lib.InvalidConfigError,
+  ) as exc:
     print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 2
   info = result["train_info"]
-  print(f"{result['run_info']['experiment_name']} [{FLAGS.backend}]: test accuracy {info['test_accuracy']}, "
-        f"train {info['train_time']:.1f}s (+{info['compile_time']:.1f}s compile), "
-        f"{(info['tokens_per_sec'] or 0):.0f} tokens/s, peak memory {info['peak_memory_bytes'] / 2**20:.0f} MiB, "
-        f"forgetting {info['forgetting']['delta']}")
+  print(
+    f"{result['run_info']['experiment_name']} [{FLAGS.backend}]: test accuracy {info['test_accuracy']}, "
+    f"train {info['train_time']:.1f}s (+{info['compile_time']:.1f}s compile), "
+    f"{(info['tokens_per_sec'] or 0):.0f} tokens/s, peak memory {info['peak_memory_bytes'] / 2**20:.0f} MiB, "
+    f"forgetting {info['forgetting']['delta']}"
+  )
   print(f"result: {path}")
   return 0
 

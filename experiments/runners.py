@@ -34,8 +34,9 @@ class Runner:
 
   name = "base"
 
-  def __init__(self, exp: common.Experiment, config, *, model_source: str, tokenizer_source: str,
-               save_dir: str | None = None):
+  def __init__(
+    self, exp: common.Experiment, config, *, model_source: str, tokenizer_source: str, save_dir: str | None = None
+  ):
     self.exp = exp
     self.config = config
     self.model_source = model_source
@@ -88,6 +89,7 @@ class Runner:
   # -- the run -----------------------------------------------------------------------------------------------
   def load_tokenizer(self):
     from jpeft.models import load_tokenizer
+
     self.tokenizer = load_tokenizer(self.tokenizer_source)
     if self.tokenizer.eos_token_id is None:
       raise common.ExperimentError(f"the tokenizer of {self.tokenizer_source!r} has no eos_token_id")
@@ -98,9 +100,14 @@ class Runner:
   def forgetting(self, data: common.ExperimentData, adapted: bool) -> float | None:
     params = self.exp.params
     max_length = params.get("forgetting_max_length") or common.PEFT_FORGETTING_MAX_LENGTH
-    batches = common.forgetting_batches(self.tokenizer, data.forgetting, batch_size=self.config.batch_size,
-                                        max_length=max_length, pad_id=self.pad_id,
-                                        multiple=self.config.pad_multiple)
+    batches = common.forgetting_batches(
+      self.tokenizer,
+      data.forgetting,
+      batch_size=self.config.batch_size,
+      max_length=max_length,
+      pad_id=self.pad_id,
+      multiple=self.config.pad_multiple,
+    )
     if not batches:
       return None
     total, count = self.forgetting_sums(batches, adapted)
@@ -127,10 +134,13 @@ class Runner:
     t = time.perf_counter()
     after = self.forgetting(data, adapted=True)
     out["forgetting"] = {
-        "loss_before": before, "loss_after": after,
-        "delta": (after - before) if before is not None and after is not None else None,
-        "texts": len(data.forgetting), "source": data.info["forgetting"]["source"],
-        "time_s": out.pop("forgetting_before_time_s") + time.perf_counter() - t}
+      "loss_before": before,
+      "loss_after": after,
+      "delta": (after - before) if before is not None and after is not None else None,
+      "texts": len(data.forgetting),
+      "source": data.info["forgetting"]["source"],
+      "time_s": out.pop("forgetting_before_time_s") + time.perf_counter() - t,
+    }
 
     t = time.perf_counter()
     if self.save_dir:
@@ -142,8 +152,7 @@ class Runner:
       with tempfile.TemporaryDirectory(prefix="jpeft-exp-") as tmp:
         size, estimated, path = self.save(tmp)
       path = None
-    out["checkpoint"] = {"file_size": size, "estimated": estimated, "path": path,
-                         "time_s": time.perf_counter() - t}
+    out["checkpoint"] = {"file_size": size, "estimated": estimated, "path": path, "time_s": time.perf_counter() - t}
 
     n_prompts = params.get("n_inference")
     n_prompts = 4 if n_prompts is None else n_prompts
@@ -151,8 +160,7 @@ class Runner:
     prompts = common.inference_prompts(data, n_prompts)
     t = time.perf_counter()
     if prompts:
-      ids, mask = next(common.prompt_batches(self.tokenizer, prompts, self.config, self.pad_id,
-                                             rows=len(prompts)))
+      ids, mask = next(common.prompt_batches(self.tokenizer, prompts, self.config, self.pad_id, rows=len(prompts)))
       speeds = self.generation_speeds(ids, mask, new_tokens)
     else:
       speeds = {"base": None, "unmerged": None, "merged": None}
@@ -169,19 +177,34 @@ def _inference_summary(speeds: dict, n_prompts: int, new_tokens: int, seconds: f
   def overhead(x):
     return (base / x - 1.0) if base and x else None
 
-  return {"prompts": n_prompts, "new_tokens_per_prompt": new_tokens,
-          "base_tokens_per_sec": base, "unmerged_tokens_per_sec": unmerged, "merged_tokens_per_sec": merged,
-          "unmerged_overhead": overhead(unmerged), "merged_overhead": overhead(merged),
-          "merge_error": speeds.get("merge_error"), "time_s": seconds}
+  return {
+    "prompts": n_prompts,
+    "new_tokens_per_prompt": new_tokens,
+    "base_tokens_per_sec": base,
+    "unmerged_tokens_per_sec": unmerged,
+    "merged_tokens_per_sec": merged,
+    "unmerged_overhead": overhead(unmerged),
+    "merged_overhead": overhead(merged),
+    "merge_error": speeds.get("merge_error"),
+    "time_s": seconds,
+  }
 
 
-def _eval_entry(step, valid_acc, losses, prev_step, batch_size, train_time, eval_time, tokens_per_s, elapsed,
-                peak_memory):
+def _eval_entry(
+  step, valid_acc, losses, prev_step, batch_size, train_time, eval_time, tokens_per_s, elapsed, peak_memory
+):
   """One entry of PEFT's per-eval-step metrics."""
-  return {"step": step, "valid accuracy": valid_acc,
-          "train loss": float(np.mean(losses[prev_step:step])) if step > prev_step else None,
-          "train samples": step * batch_size, "train time": train_time, "eval time": eval_time,
-          "tokens / sec": tokens_per_s, "peak memory": peak_memory, "elapsed time": elapsed}
+  return {
+    "step": step,
+    "valid accuracy": valid_acc,
+    "train loss": float(np.mean(losses[prev_step:step])) if step > prev_step else None,
+    "train samples": step * batch_size,
+    "train time": train_time,
+    "eval time": eval_time,
+    "tokens / sec": tokens_per_s,
+    "peak memory": peak_memory,
+    "elapsed time": elapsed,
+  }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -200,36 +223,50 @@ class JaxRunner(Runner):
 
   def check_config(self) -> None:
     from jpeft import config as config_lib
+
     if self.exp.peft_config is not None:
       self.jpeft_config = config_lib.config_from_dict(self.exp.peft_config)  # UnsupportedConfigError
 
   def resolved_peft_config(self):
     from jpeft import config as config_lib
+
     return None if self.jpeft_config is None else config_lib.config_to_dict(self.jpeft_config)
 
   def accelerator(self) -> str:
     import jax
+
     dev = jax.devices()[0]
     return f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
 
   def backend_info(self) -> dict:
     import jax
+
     return {"jax_backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
 
   def load(self) -> None:
     import jax.numpy as jnp
 
     from jpeft.models import load_model
+
     self.load_tokenizer()
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
-        common.model_dtype(self.exp.params)]
+      common.model_dtype(self.exp.params)
+    ]
     self.model_config, self.base_params = load_model(self.model_source, dtype=dtype)
 
   def setup(self, data) -> None:
     from jpeft.trainer import Trainer
-    self.trainer = Trainer(self.model_config, self.base_params, self.jpeft_config, self.tokenizer,
-                           {"query": [q for q, _ in data.train], "response": [r for _, r in data.train]},
-                           _columns(data.valid), _columns(data.test), self.config)
+
+    self.trainer = Trainer(
+      self.model_config,
+      self.base_params,
+      self.jpeft_config,
+      self.tokenizer,
+      {"query": [q for q, _ in data.train], "response": [r for _, r in data.train]},
+      _columns(data.valid),
+      _columns(data.test),
+      self.config,
+    )
     self.schedule = self.trainer.schedule()
     self._base_count = core_num_params(self.base_params)
 
@@ -240,6 +277,7 @@ class JaxRunner(Runner):
 
   def _nll_sums(self, params, batches) -> tuple[float, int]:
     import jax.numpy as jnp
+
     total, count = 0.0, 0
     rows = self.config.batch_size
     for ids, mask, labels in batches:
@@ -248,8 +286,14 @@ class JaxRunner(Runner):
         ids = np.concatenate([ids, np.repeat(ids[:1], fill, 0)])
         mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
         labels = np.concatenate([labels, np.full((fill, labels.shape[1]), -100, labels.dtype)])
-      s, n = _nll_sum_fn()(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
-                           config=self.model_config, compute_dtype=self.config.compute_dtype)
+      s, n = _nll_sum_fn()(
+        params,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.asarray(labels),
+        config=self.model_config,
+        compute_dtype=self.config.compute_dtype,
+      )
       total += float(s)
       count += int(n)
     return total, count
@@ -257,12 +301,15 @@ class JaxRunner(Runner):
   def _merged(self):
     """The trained model as plain params (merged adapter), or None where the method cannot merge."""
     from jpeft import core
+
     if self.jpeft_config is None:
       return self.trainer.trainable
     if not hasattr(self, "_merged_params"):
       try:
-        self._merged_params, self._merge_error = core.merge(self.trainer.params, self.trainer.trainable,
-                                                            self.jpeft_config), None
+        self._merged_params, self._merge_error = (
+          core.merge(self.trainer.params, self.trainer.trainable, self.jpeft_config),
+          None,
+        )
       except Exception as exc:  # a method without a merge: measure unmerged only
         self._merged_params, self._merge_error = None, f"{type(exc).__name__}: {exc}"
     return self._merged_params
@@ -278,19 +325,40 @@ class JaxRunner(Runner):
     result = self.trainer.run()
     entries, prev_step, prev_time = [], 0, 0.0
     for m in result["eval_metrics"]:
-      entries.append(_eval_entry(m["step"], m["valid_accuracy"], result["losses"], prev_step,
-                                 self.config.batch_size, m["train_time_s"] - prev_time, m["eval_time_s"],
-                                 m["tokens_per_s"], m["elapsed_s"], self.peak_memory()[0]))
+      entries.append(
+        _eval_entry(
+          m["step"],
+          m["valid_accuracy"],
+          result["losses"],
+          prev_step,
+          self.config.batch_size,
+          m["train_time_s"] - prev_time,
+          m["eval_time_s"],
+          m["tokens_per_s"],
+          m["elapsed_s"],
+          self.peak_memory()[0],
+        )
+      )
       prev_step, prev_time = m["step"], m["train_time_s"]
-    return {"losses": result["losses"], "eval_metrics": entries, "test_accuracy": result["test_accuracy"],
-            "valid_accuracy": result["valid_accuracy"], "test_predictions": result["test_predictions"],
-            "train_time_s": result["train_time_s"], "compile_time_s": result["compile_time_s"],
-            "eval_time_s": result["eval_time_s"], "tokens_per_s": result["tokens_per_s"],
-            "total_tokens": result["total_tokens"], "padded_lengths": result["padded_lengths"],
-            "resumed_from": result["resumed_from"], "schedule_sha256": common.schedule_digest(self.schedule)}
+    return {
+      "losses": result["losses"],
+      "eval_metrics": entries,
+      "test_accuracy": result["test_accuracy"],
+      "valid_accuracy": result["valid_accuracy"],
+      "test_predictions": result["test_predictions"],
+      "train_time_s": result["train_time_s"],
+      "compile_time_s": result["compile_time_s"],
+      "eval_time_s": result["eval_time_s"],
+      "tokens_per_s": result["tokens_per_s"],
+      "total_tokens": result["total_tokens"],
+      "padded_lengths": result["padded_lengths"],
+      "resumed_from": result["resumed_from"],
+      "schedule_sha256": common.schedule_digest(self.schedule),
+    }
 
   def save(self, folder):
     from jpeft import checkpoint
+
     if self.jpeft_config is None:
       if not self.save_dir:
         return _full_size_estimate(self.trainer.trainable), True, None
@@ -306,8 +374,9 @@ class JaxRunner(Runner):
     from jpeft.generate import generate
 
     def tokens_per_s(params):
-      kw = dict(max_new_tokens=new_tokens, eos_token_id=(), pad_token_id=self.pad_id,
-                compute_dtype=self.config.compute_dtype)
+      kw = dict(
+        max_new_tokens=new_tokens, eos_token_id=(), pad_token_id=self.pad_id, compute_dtype=self.config.compute_dtype
+      )
       generate(params, self.model_config, ids, mask, **kw)  # compile and warm up
       t = time.perf_counter()
       out = generate(params, self.model_config, ids, mask, **kw)
@@ -325,6 +394,7 @@ class JaxRunner(Runner):
 
   def peak_memory(self):
     import jax
+
     dev = jax.devices()[0]
     if dev.platform != "cpu":
       stats = dev.memory_stats() or {}
@@ -333,14 +403,16 @@ class JaxRunner(Runner):
 
   def param_counts(self):
     from backends.base import normalize_optimizer_type
+
     base = self._base_count
     if self.jpeft_config is None:
       return base, base
     trainable = self.trainer.num_trainable_params
     if normalize_optimizer_type(self.config.optimizer_type) == "lora-fa":
       # as PEFT counts after creating the optimizer: LoRA-FA freezes lora_A
-      trainable -= sum(int(v.size) for ts in self.trainer.trainable.values() for t, v in ts.items()
-                       if t.startswith("lora_A"))
+      trainable -= sum(
+        int(v.size) for ts in self.trainer.trainable.values() for t, v in ts.items() if t.startswith("lora_A")
+      )
     return trainable, base + core_num_params(self.trainer.trainable)
 
 
@@ -365,6 +437,7 @@ def _nll_sum_fn():
 
 def core_num_params(tree) -> int:
   from jpeft import core
+
   return core.num_params(tree)
 
 
@@ -377,6 +450,7 @@ def _columns(records: Sequence[tuple[str, str]]):
 def _full_size_estimate(params) -> int:
   """PEFT's estimate for a fully fine-tuned model: parameters x bytes per parameter."""
   import jax
+
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))
 
 
@@ -398,30 +472,35 @@ class TorchRunner(Runner):
     if self.exp.peft_config is None:
       return
     from peft import PeftConfig
+
     config = dict(self.exp.peft_config)
     if config.get("task_type") is None:
       config["task_type"] = "CAUSAL_LM"
     try:
       PeftConfig.from_peft_type(**config)
     except Exception as exc:
-      raise common.ExperimentError(f"{self.exp.path}/{common.ADAPTER_CONFIG_NAME}: PEFT does not accept this "
-                                   f"config: {type(exc).__name__}: {exc}") from None
+      raise common.ExperimentError(
+        f"{self.exp.path}/{common.ADAPTER_CONFIG_NAME}: PEFT does not accept this config: {type(exc).__name__}: {exc}"
+      ) from None
 
   def resolved_peft_config(self):
     return getattr(self, "_peft_config_dict", None)
 
   def accelerator(self) -> str:
     import torch
+
     if self.backend is not None and self.backend.device.type == "cuda":
       return f"cuda:{torch.cuda.get_device_name(self.backend.device)}"
     return "cpu"
 
   def backend_info(self) -> dict:
     import torch
+
     return {"torch_num_threads": torch.get_num_threads(), "pytorch_info": torch.__config__.show()}
 
   def load(self) -> None:
     from backends import get_backend
+
     self.load_tokenizer()
     self.backend = get_backend("torch", device=self.device)
     self.backend.load_base(self.model_source, dtype=common.model_dtype(self.exp.params))
@@ -437,8 +516,7 @@ class TorchRunner(Runner):
       self._peft_config_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     self.backend.configure_optimizer(**common.optimizer_settings(c))
     # counted after the optimizer is made (it may freeze tensors, as LoRA-FA does), before any merge
-    self._counts = (self.backend.num_trainable_params(),
-                    int(sum(p.numel() for p in self.backend.model.parameters())))
+    self._counts = (self.backend.num_trainable_params(), int(sum(p.numel() for p in self.backend.model.parameters())))
 
   @contextlib.contextmanager
   def _adapter_disabled(self):
@@ -450,6 +528,7 @@ class TorchRunner(Runner):
 
   def forgetting_sums(self, batches, adapted):
     import torch
+
     total, count = 0.0, 0
     with contextlib.ExitStack() as stack:
       if not adapted:
@@ -457,8 +536,9 @@ class TorchRunner(Runner):
       for ids, mask, labels in batches:
         logits = torch.from_numpy(self.backend.logits(ids, mask))
         targets = torch.from_numpy(labels[:, 1:].astype(np.int64))
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                 targets.reshape(-1), ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+          logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += float(loss)
         count += int((targets != -100).sum())
     return total, count
@@ -467,11 +547,12 @@ class TorchRunner(Runner):
     texts = []
     for ids, mask in common.prompt_batches(self.tokenizer, queries, self.config, self.pad_id):
       out = self.backend.generate(ids, mask, max_new_tokens=self.config.max_new_tokens, eos_token_id=self.eos_id)
-      texts += common.decode_new_tokens(self.tokenizer, out[:, ids.shape[1]:], self.eos_id)
+      texts += common.decode_new_tokens(self.tokenizer, out[:, ids.shape[1] :], self.eos_id)
     return texts
 
   def _evaluate(self, records) -> tuple[float | None, list[str]]:
     from jpeft.data import accuracy
+
     if not records:
       return None, []
     predictions = self._generate_texts([q for q, _ in records])
@@ -479,6 +560,7 @@ class TorchRunner(Runner):
 
   def train(self, data) -> dict:
     from jpeft.trainer import NonFiniteLossError
+
     c = self.config
     wall0 = time.perf_counter()
     losses, entries = [], []
@@ -488,6 +570,7 @@ class TorchRunner(Runner):
     bar = None
     if c.progress:
       from tqdm.auto import tqdm
+
       bar = tqdm(total=c.max_steps, desc="train (torch)", dynamic_ncols=True)
     try:
       for step, indices in enumerate(self.schedule):
@@ -511,8 +594,20 @@ class TorchRunner(Runner):
           acc, _ = self._evaluate(data.valid)
           dt = time.perf_counter() - t
           eval_time += dt
-          entries.append(_eval_entry(done, acc, losses, prev_step, c.batch_size, train_time - prev_time, dt,
-                                     rate, time.perf_counter() - wall0, self.peak_memory()[0]))
+          entries.append(
+            _eval_entry(
+              done,
+              acc,
+              losses,
+              prev_step,
+              c.batch_size,
+              train_time - prev_time,
+              dt,
+              rate,
+              time.perf_counter() - wall0,
+              self.peak_memory()[0],
+            )
+          )
           logging.info("step %d: valid accuracy %.4f, train loss %.4f", done, acc, entries[-1]["train loss"])
           prev_step, prev_time = done, train_time
       t = time.perf_counter()
@@ -522,14 +617,24 @@ class TorchRunner(Runner):
       if bar is not None:
         bar.close()
     valid = [e["valid accuracy"] for e in entries]
-    lengths = sorted({int(common.train_batch(self.examples, b, c, self.pad_id)[0]["input_ids"].shape[1])
-                      for b in self.schedule})
-    return {"losses": losses, "eval_metrics": entries, "test_accuracy": test_acc,
-            "valid_accuracy": valid[-1] if valid else None, "test_predictions": predictions,
-            "train_time_s": train_time, "compile_time_s": 0.0, "eval_time_s": eval_time,
-            "tokens_per_s": tokens_total / train_time if train_time > 0 else None, "total_tokens": tokens_total,
-            "padded_lengths": lengths, "resumed_from": None,
-            "schedule_sha256": common.schedule_digest(self.schedule)}
+    lengths = sorted(
+      {int(common.train_batch(self.examples, b, c, self.pad_id)[0]["input_ids"].shape[1]) for b in self.schedule}
+    )
+    return {
+      "losses": losses,
+      "eval_metrics": entries,
+      "test_accuracy": test_acc,
+      "valid_accuracy": valid[-1] if valid else None,
+      "test_predictions": predictions,
+      "train_time_s": train_time,
+      "compile_time_s": 0.0,
+      "eval_time_s": eval_time,
+      "tokens_per_s": tokens_total / train_time if train_time > 0 else None,
+      "total_tokens": tokens_total,
+      "padded_lengths": lengths,
+      "resumed_from": None,
+      "schedule_sha256": common.schedule_digest(self.schedule),
+    }
 
   def save(self, folder):
     if self.exp.peft_config is None and not self.save_dir:
@@ -584,11 +689,20 @@ def get_runner(backend: str):
   return RUNNERS[backend]
 
 
-def run_experiment(path: str, backend: str = "jax", *, overrides: Mapping[str, Any] | None = None,
-                   model: str | None = None, tokenizer: str | None = None,
-                   results_dir: str | None = None, save_dir: str | None = None,
-                   checkpoint_dir: str | None = None, progress: bool = True, lr: float | None = None,
-                   write: bool = True) -> tuple[dict, str | None]:
+def run_experiment(
+  path: str,
+  backend: str = "jax",
+  *,
+  overrides: Mapping[str, Any] | None = None,
+  model: str | None = None,
+  tokenizer: str | None = None,
+  results_dir: str | None = None,
+  save_dir: str | None = None,
+  checkpoint_dir: str | None = None,
+  progress: bool = True,
+  lr: float | None = None,
+  write: bool = True,
+) -> tuple[dict, str | None]:
   """Run one experiment; returns (result dict, path of the written result file or None).
 
   Args:
@@ -621,12 +735,20 @@ def run_experiment(path: str, backend: str = "jax", *, overrides: Mapping[str, A
     raise common.ExperimentError("no model: set model_id in the training params or pass --model")
   runner_cls = get_runner(backend)
   kwargs = {"checkpoint_dir": checkpoint_dir} if backend == "jax" else {}
-  runner = runner_cls(exp, config, model_source=model_source, tokenizer_source=tokenizer or model_source,
-                      save_dir=save_dir, **kwargs)
+  runner = runner_cls(
+    exp, config, model_source=model_source, tokenizer_source=tokenizer or model_source, save_dir=save_dir, **kwargs
+  )
   runner.check_config()
   data = common.load_data(exp.params)
-  logging.info("%s on %s: %d train / %d valid / %d test rows, %d forgetting texts", exp.experiment_name, backend,
-               len(data.train), len(data.valid), len(data.test), len(data.forgetting))
+  logging.info(
+    "%s on %s: %d train / %d valid / %d test rows, %d forgetting texts",
+    exp.experiment_name,
+    backend,
+    len(data.train),
+    len(data.valid),
+    len(data.test),
+    len(data.forgetting),
+  )
 
   memory_baseline = common.current_rss_bytes()
   t = time.perf_counter()
@@ -637,94 +759,116 @@ def run_experiment(path: str, backend: str = "jax", *, overrides: Mapping[str, A
   except Exception as exc:
     # PEFT keeps a record of runs that failed during training (its cancelled_results/); so does this runner
     if write:
-      failed = {"run_info": {"created_at": created, "total_time": time.perf_counter() - tic,
-                             "experiment_name": exp.experiment_name, "backend": backend,
-                             "train_config": dict(exp.params, model_id=model_source),
-                             "peft_config": exp.peft_config, "error_msg": f"{type(exc).__name__}: {exc}"},
-                "train_info": {"status": "canceled", "metrics": []},
-                "meta_info": {"package_info": common.package_info()}}
-      common.write_result(failed, os.path.join(results_dir or common.DEFAULT_RESULTS_DIR, "cancelled"),
-                          exp.result_filename(backend))
+      failed = {
+        "run_info": {
+          "created_at": created,
+          "total_time": time.perf_counter() - tic,
+          "experiment_name": exp.experiment_name,
+          "backend": backend,
+          "train_config": dict(exp.params, model_id=model_source),
+          "peft_config": exp.peft_config,
+          "error_msg": f"{type(exc).__name__}: {exc}",
+        },
+        "train_info": {"status": "canceled", "metrics": []},
+        "meta_info": {"package_info": common.package_info()},
+      }
+      common.write_result(
+        failed, os.path.join(results_dir or common.DEFAULT_RESULTS_DIR, "cancelled"), exp.result_filename(backend)
+      )
     raise
   out["load_time_s"] = load_time
-  result = build_result(exp, runner, config, data, out, created=created, total_time=time.perf_counter() - tic,
-                        model_source=model_source, tokenizer_source=tokenizer or model_source,
-                        memory_baseline=memory_baseline)
+  result = build_result(
+    exp,
+    runner,
+    config,
+    data,
+    out,
+    created=created,
+    total_time=time.perf_counter() - tic,
+    model_source=model_source,
+    tokenizer_source=tokenizer or model_source,
+    memory_baseline=memory_baseline,
+  )
   path_out = None
   if write:
-    path_out = common.write_result(result, results_dir or common.DEFAULT_RESULTS_DIR,
-                                   exp.result_filename(backend))
+    path_out = common.write_result(result, results_dir or common.DEFAULT_RESULTS_DIR, exp.result_filename(backend))
     logging.info("wrote %s", path_out)
   return result, path_out
 
 
-def build_result(exp, runner, config, data, out, *, created, total_time, model_source, tokenizer_source,
-                 memory_baseline) -> dict:
+def build_result(
+  exp, runner, config, data, out, *, created, total_time, model_source, tokenizer_source, memory_baseline
+) -> dict:
   """PEFT's result layout, plus the measurements PEFT does not make (see experiments/README.md)."""
   import dataclasses
+
   losses = out["losses"]
   window = config.eval_steps or len(losses)
-  final = {"step": len(losses), "test accuracy": out["test_accuracy"],
-           "train loss": float(sum(losses[-window:]) / len(losses[-window:])) if losses else None,
-           "train samples": len(losses) * config.batch_size, "train total tokens": out["total_tokens"],
-           "forgetting": out["forgetting"]["delta"]}
+  final = {
+    "step": len(losses),
+    "test accuracy": out["test_accuracy"],
+    "train loss": float(sum(losses[-window:]) / len(losses[-window:])) if losses else None,
+    "train samples": len(losses) * config.batch_size,
+    "train total tokens": out["total_tokens"],
+    "forgetting": out["forgetting"]["delta"],
+  }
   train_config = dict(exp.params, model_id=model_source)
   resolved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("compute_dtype",)}
   backend_info = runner.backend_info()
   return {
-      "run_info": {
-          "created_at": created,
-          "total_time": total_time,
-          "experiment_name": exp.experiment_name,
-          "backend": runner.name,
-          "peft_branch": None,
-          "train_config": train_config,
-          "resolved_train_config": resolved,
-          "peft_config": runner.resolved_peft_config(),
-          "peft_type": exp.peft_type,
-          "tokenizer": tokenizer_source,
-          "error_msg": "",
-      },
-      "train_info": {
-          # PEFT's keys (memory: the peak of the whole run; no average/percentile is sampled here)
-          "accelerator_memory_reserved_avg": None,
-          "accelerator_memory_max": out["peak_memory_bytes"],
-          "accelerator_memory_reserved_99th": None,
-          "train_time": out["train_time_s"],
-          "file_size": out["checkpoint"]["file_size"],
-          "num_trainable_params": out["num_trainable_params"],
-          "num_total_params": out["num_total_params"],
-          "status": "success",
-          "metrics": out["eval_metrics"] + [final],
-          # additions
-          "test_accuracy": out["test_accuracy"],
-          "valid_accuracy": out["valid_accuracy"],
-          "peak_memory_bytes": out["peak_memory_bytes"],
-          "peak_memory_kind": out["peak_memory_kind"],
-          "peak_memory_end_bytes": out["peak_memory_end_bytes"],
-          "memory_baseline_bytes": memory_baseline,
-          "compile_time": out["compile_time_s"],
-          "eval_time": out["eval_time_s"],
-          "load_time": out["load_time_s"],
-          "setup_time": out["setup_time_s"],
-          "tokens_per_sec": out["tokens_per_s"],
-          "train_total_tokens": out["total_tokens"],
-          "file_size_estimated": out["checkpoint"]["estimated"],
-          "checkpoint_path": out["checkpoint"]["path"],
-          "forgetting": out["forgetting"],
-          "inference": out["inference"],
-          "losses": losses,
-          "padded_lengths": out["padded_lengths"],
-          "batch_schedule_sha256": out["schedule_sha256"],
-          "resumed_from": out["resumed_from"],
-          "test_predictions_sample": out["test_predictions"][:3],
-      },
-      "meta_info": {
-          "model_info": {"model_id": model_source, "sha": None, "created_at": None},
-          "dataset_info": out["data_info"],
-          "package_info": common.package_info(),
-          "system_info": common.system_info(runner.accelerator()),
-          "pytorch_info": backend_info.pop("pytorch_info", None),
-          "backend_info": backend_info,
-      },
+    "run_info": {
+      "created_at": created,
+      "total_time": total_time,
+      "experiment_name": exp.experiment_name,
+      "backend": runner.name,
+      "peft_branch": None,
+      "train_config": train_config,
+      "resolved_train_config": resolved,
+      "peft_config": runner.resolved_peft_config(),
+      "peft_type": exp.peft_type,
+      "tokenizer": tokenizer_source,
+      "error_msg": "",
+    },
+    "train_info": {
+      # PEFT's keys (memory: the peak of the whole run; no average/percentile is sampled here)
+      "accelerator_memory_reserved_avg": None,
+      "accelerator_memory_max": out["peak_memory_bytes"],
+      "accelerator_memory_reserved_99th": None,
+      "train_time": out["train_time_s"],
+      "file_size": out["checkpoint"]["file_size"],
+      "num_trainable_params": out["num_trainable_params"],
+      "num_total_params": out["num_total_params"],
+      "status": "success",
+      "metrics": out["eval_metrics"] + [final],
+      # additions
+      "test_accuracy": out["test_accuracy"],
+      "valid_accuracy": out["valid_accuracy"],
+      "peak_memory_bytes": out["peak_memory_bytes"],
+      "peak_memory_kind": out["peak_memory_kind"],
+      "peak_memory_end_bytes": out["peak_memory_end_bytes"],
+      "memory_baseline_bytes": memory_baseline,
+      "compile_time": out["compile_time_s"],
+      "eval_time": out["eval_time_s"],
+      "load_time": out["load_time_s"],
+      "setup_time": out["setup_time_s"],
+      "tokens_per_sec": out["tokens_per_s"],
+      "train_total_tokens": out["total_tokens"],
+      "file_size_estimated": out["checkpoint"]["estimated"],
+      "checkpoint_path": out["checkpoint"]["path"],
+      "forgetting": out["forgetting"],
+      "inference": out["inference"],
+      "losses": losses,
+      "padded_lengths": out["padded_lengths"],
+      "batch_schedule_sha256": out["schedule_sha256"],
+      "resumed_from": out["resumed_from"],
+      "test_predictions_sample": out["test_predictions"][:3],
+    },
+    "meta_info": {
+      "model_info": {"model_id": model_source, "sha": None, "created_at": None},
+      "dataset_info": out["data_info"],
+      "package_info": common.package_info(),
+      "system_info": common.system_info(runner.accelerator()),
+      "pytorch_info": backend_info.pop("pytorch_info", None),
+      "backend_info": backend_info,
+    },
   }

@@ -34,6 +34,7 @@ def save_pretrained(folder: str, adapter: core.Adapter, config, params=None) -> 
   ``embed_tokens``/``lm_head`` named in ``target_modules``).
   """
   from safetensors.numpy import save_file
+
   os.makedirs(folder, exist_ok=True)
   config_lib.save_config(config, folder)
   state = {k: _to_numpy(v) for k, v in core.to_state_dict(adapter, params, config).items()}
@@ -47,8 +48,11 @@ def save_pretrained(folder: str, adapter: core.Adapter, config, params=None) -> 
 def _save_torch(folder, state):
   import torch
   from safetensors.torch import save_file
-  tensors = {k: (torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) if v.dtype == jnp.bfloat16
-                 else torch.from_numpy(v)) for k, v in state.items()}
+
+  tensors = {
+    k: (torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) if v.dtype == jnp.bfloat16 else torch.from_numpy(v))
+    for k, v in state.items()
+  }
   path = os.path.join(folder, ADAPTER_WEIGHTS)
   save_file(tensors, path, metadata={"format": "pt"})
   return path
@@ -57,6 +61,7 @@ def _save_torch(folder, state):
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a safetensors file as numpy (bf16 kept as ml_dtypes bfloat16); clear error if corrupt."""
   from safetensors import safe_open
+
   if not os.path.exists(path):
     raise FileNotFoundError(f"adapter weights not found: {path!r}")
   out = {}
@@ -64,7 +69,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     with safe_open(path, framework="pt") as f:
       for key in f.keys():
         t = f.get_tensor(key)
-        out[key] = (t.float().numpy().astype(jnp.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy())
+        out[key] = t.float().numpy().astype(jnp.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy()
   except Exception as e:  # safetensors raises its own error types for truncated/garbled files
     raise core.AdapterCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
   return out
@@ -84,7 +89,7 @@ def load_pretrained(folder: str, params, model_config: LlamaConfig, *, key=None)
   params = dict(params)
   for key in extra:  # PEFT loads saved embedding base layers into the base model
     if key in state:
-      name = key[len(core.PEFT_PREFIX):].replace(".base_layer.weight", ".weight")
+      name = key[len(core.PEFT_PREFIX) :].replace(".base_layer.weight", ".weight")
       if name == "lm_head.weight" and name not in params:
         name = "model.embed_tokens.weight"
       params[name] = jnp.asarray(state[key], dtype=params[name].dtype)
@@ -95,15 +100,25 @@ def hf_config_dict(model_config: LlamaConfig) -> dict:
   """A transformers ``config.json`` for this Llama."""
   c = model_config
   d = {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-      "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-      "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-      "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-      "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-      "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias,
-      "mlp_bias": c.mlp_bias, "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
-      "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
-      "rope_theta": c.rope_theta,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": c.vocab_size,
+    "hidden_size": c.hidden_size,
+    "intermediate_size": c.intermediate_size,
+    "num_hidden_layers": c.num_hidden_layers,
+    "num_attention_heads": c.num_attention_heads,
+    "num_key_value_heads": c.num_key_value_heads,
+    "head_dim": c.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": c.rms_norm_eps,
+    "max_position_embeddings": c.max_position_embeddings,
+    "tie_word_embeddings": c.tie_word_embeddings,
+    "attention_bias": c.attention_bias,
+    "mlp_bias": c.mlp_bias,
+    "bos_token_id": c.bos_token_id,
+    "pad_token_id": c.pad_token_id,
+    "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
+    "rope_theta": c.rope_theta,
   }
   rope = {"rope_type": "default", "rope_theta": c.rope_theta}
   if c.rope_scaling is not None:
@@ -120,10 +135,14 @@ def save_merged_model(folder: str, merged_params, model_config: LlamaConfig) -> 
   during training), so the folder is written untied.
   """
   from safetensors.numpy import save_file
+
   os.makedirs(folder, exist_ok=True)
   expected = param_shapes(model_config)
-  state = {k: _to_numpy(v).astype(np.float32) if _to_numpy(v).dtype == jnp.bfloat16 else _to_numpy(v)
-           for k, v in merged_params.items() if k in expected or k == "lm_head.weight"}
+  state = {
+    k: _to_numpy(v).astype(np.float32) if _to_numpy(v).dtype == jnp.bfloat16 else _to_numpy(v)
+    for k, v in merged_params.items()
+    if k in expected or k == "lm_head.weight"
+  }
   cfg = hf_config_dict(model_config)
   if "lm_head.weight" in state and model_config.tie_word_embeddings:
     cfg["tie_word_embeddings"] = False

@@ -31,25 +31,25 @@ from typing import Any, ClassVar, Optional, Union
 from absl import logging
 
 __all__ = [
-    "CONFIG_NAME",
-    "PEFT_METHOD_TYPES",
-    "TASK_TYPES",
-    "FrozenDict",
-    "InvalidConfigError",
-    "LoraConfig",
-    "PeftConfig",
-    "UnsupportedConfigError",
-    "config_from_dict",
-    "config_to_dict",
-    "get_config_class",
-    "get_pattern_key",
-    "load_config",
-    "lora_scaling",
-    "register_config",
-    "registered_peft_types",
-    "resolve_pattern",
-    "resolve_rank_alpha",
-    "save_config",
+  "CONFIG_NAME",
+  "PEFT_METHOD_TYPES",
+  "TASK_TYPES",
+  "FrozenDict",
+  "InvalidConfigError",
+  "LoraConfig",
+  "PeftConfig",
+  "UnsupportedConfigError",
+  "config_from_dict",
+  "config_to_dict",
+  "get_config_class",
+  "get_pattern_key",
+  "load_config",
+  "lora_scaling",
+  "register_config",
+  "registered_peft_types",
+  "resolve_pattern",
+  "resolve_rank_alpha",
+  "save_config",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -59,70 +59,70 @@ DEFAULT_PEFT_VERSION = "0.21.2"
 
 # ``peft.utils.PeftType`` values of PEFT 0.21.2.
 PEFT_METHOD_TYPES: tuple[str, ...] = (
-    "PROMPT_TUNING",
-    "MULTITASK_PROMPT_TUNING",
-    "P_TUNING",
-    "PREFIX_TUNING",
-    "LORA",
-    "ADALORA",
-    "ADAMSS",
-    "BOFT",
-    "ADAPTION_PROMPT",
-    "IA3",
-    "BEFT",
-    "LILY",
-    "LOHA",
-    "LOKR",
-    "OFT",
-    "POLY",
-    "LN_TUNING",
-    "VERA",
-    "FROD",
-    "PVERA",
-    "FOURIERFT",
-    "GLORA",
-    "XLORA",
-    "HRA",
-    "VBLORA",
-    "UNILORA",
-    "CPT",
-    "MISS",
-    "RANDLORA",
-    "ROAD",
-    "TRAINABLE_TOKENS",
-    "HIRA",
-    "SHIRA",
-    "C3A",
-    "WAVEFT",
-    "OSF",
-    "DELORA",
-    "GRALORA",
-    "CARTRIDGE",
-    "TINYLORA",
-    "PSOFT",
-    "PEANUT",
-    "SHADOW",
-    "SUPERTUNING",
-    "DEFT",
+  "PROMPT_TUNING",
+  "MULTITASK_PROMPT_TUNING",
+  "P_TUNING",
+  "PREFIX_TUNING",
+  "LORA",
+  "ADALORA",
+  "ADAMSS",
+  "BOFT",
+  "ADAPTION_PROMPT",
+  "IA3",
+  "BEFT",
+  "LILY",
+  "LOHA",
+  "LOKR",
+  "OFT",
+  "POLY",
+  "LN_TUNING",
+  "VERA",
+  "FROD",
+  "PVERA",
+  "FOURIERFT",
+  "GLORA",
+  "XLORA",
+  "HRA",
+  "VBLORA",
+  "UNILORA",
+  "CPT",
+  "MISS",
+  "RANDLORA",
+  "ROAD",
+  "TRAINABLE_TOKENS",
+  "HIRA",
+  "SHIRA",
+  "C3A",
+  "WAVEFT",
+  "OSF",
+  "DELORA",
+  "GRALORA",
+  "CARTRIDGE",
+  "TINYLORA",
+  "PSOFT",
+  "PEANUT",
+  "SHADOW",
+  "SUPERTUNING",
+  "DEFT",
 )
 
 # ``peft.utils.TaskType`` values.
 TASK_TYPES: tuple[str, ...] = (
-    "SEQ_CLS",
-    "SEQ_2_SEQ_LM",
-    "CAUSAL_LM",
-    "TOKEN_CLS",
-    "QUESTION_ANS",
-    "FEATURE_EXTRACTION",
+  "SEQ_CLS",
+  "SEQ_2_SEQ_LM",
+  "CAUSAL_LM",
+  "TOKEN_CLS",
+  "QUESTION_ANS",
+  "FEATURE_EXTRACTION",
 )
 
 
 class UnsupportedConfigError(ValueError):
-    """A valid PEFT config that uses a feature jpeft does not implement."""
+  """A valid PEFT config that uses a feature jpeft does not implement."""
 
 
 class InvalidConfigError(ValueError):
-    """A config file or dict that cannot be read as a PEFT adapter config at all."""
+  """A config file or dict that cannot be read as a PEFT adapter config at all."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,108 +131,108 @@ class InvalidConfigError(ValueError):
 
 
 class FrozenDict(Mapping):
-    """An immutable, hashable, insertion-ordered mapping.
+  """An immutable, hashable, insertion-ordered mapping.
 
-    Equality is order-sensitive (``FrozenDict(a=1, b=2) != FrozenDict(b=2, a=1)``) because the order of
-    ``rank_pattern``/``alpha_pattern`` entries decides which pattern wins.  Comparing with a plain ``dict`` also
-    compares the order of its items.
-    """
+  Equality is order-sensitive (``FrozenDict(a=1, b=2) != FrozenDict(b=2, a=1)``) because the order of
+  ``rank_pattern``/``alpha_pattern`` entries decides which pattern wins.  Comparing with a plain ``dict`` also
+  compares the order of its items.
+  """
 
-    __slots__ = ("_items", "_index", "_hash")
+  __slots__ = ("_items", "_index", "_hash")
 
-    def __init__(self, items: Union[Mapping, tuple, list, None] = None, /, **kwargs: Any):
-        if items is None:
-            pairs: list[tuple[Any, Any]] = []
-        elif isinstance(items, Mapping):
-            pairs = list(items.items())
-        else:
-            pairs = [tuple(p) for p in items]
-        pairs.extend(kwargs.items())
-        index: dict[Any, Any] = {}
-        for k, v in pairs:
-            index[k] = _freeze(v)
-        object.__setattr__(self, "_index", index)
-        object.__setattr__(self, "_items", tuple(index.items()))
-        object.__setattr__(self, "_hash", None)
+  def __init__(self, items: Union[Mapping, tuple, list, None] = None, /, **kwargs: Any):
+    if items is None:
+      pairs: list[tuple[Any, Any]] = []
+    elif isinstance(items, Mapping):
+      pairs = list(items.items())
+    else:
+      pairs = [tuple(p) for p in items]
+    pairs.extend(kwargs.items())
+    index: dict[Any, Any] = {}
+    for k, v in pairs:
+      index[k] = _freeze(v)
+    object.__setattr__(self, "_index", index)
+    object.__setattr__(self, "_items", tuple(index.items()))
+    object.__setattr__(self, "_hash", None)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
 
-    def __getitem__(self, key: Any) -> Any:
-        return self._index[key]
+  def __getitem__(self, key: Any) -> Any:
+    return self._index[key]
 
-    def __iter__(self) -> Iterator[Any]:
-        return (k for k, _ in self._items)
+  def __iter__(self) -> Iterator[Any]:
+    return (k for k, _ in self._items)
 
-    def __len__(self) -> int:
-        return len(self._items)
+  def __len__(self) -> int:
+    return len(self._items)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._index
+  def __contains__(self, key: object) -> bool:
+    return key in self._index
 
-    def items(self):  # type: ignore[override]
-        return self._items
+  def items(self):  # type: ignore[override]
+    return self._items
 
-    def __hash__(self) -> int:
-        if self._hash is None:
-            object.__setattr__(self, "_hash", hash(self._items))
-        return self._hash
+  def __hash__(self) -> int:
+    if self._hash is None:
+      object.__setattr__(self, "_hash", hash(self._items))
+    return self._hash
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, FrozenDict):
-            return self._items == other._items
-        if isinstance(other, Mapping):
-            return self._items == tuple((k, _freeze(v)) for k, v in other.items())
-        return NotImplemented
+  def __eq__(self, other: object) -> bool:
+    if isinstance(other, FrozenDict):
+      return self._items == other._items
+    if isinstance(other, Mapping):
+      return self._items == tuple((k, _freeze(v)) for k, v in other.items())
+    return NotImplemented
 
-    def __ne__(self, other: object) -> bool:
-        result = self.__eq__(other)
-        return result if result is NotImplemented else not result
+  def __ne__(self, other: object) -> bool:
+    result = self.__eq__(other)
+    return result if result is NotImplemented else not result
 
-    def __repr__(self) -> str:
-        return f"FrozenDict({dict(self._items)!r})"
+  def __repr__(self) -> str:
+    return f"FrozenDict({dict(self._items)!r})"
 
-    def __reduce__(self):
-        return (FrozenDict, (self._items,))
+  def __reduce__(self):
+    return (FrozenDict, (self._items,))
 
-    def to_dict(self) -> dict:
-        return {k: _thaw(v) for k, v in self._items}
+  def to_dict(self) -> dict:
+    return {k: _thaw(v) for k, v in self._items}
 
 
 def _freeze(value: Any) -> Any:
-    """Turns JSON-like values into hashable ones: list/tuple -> tuple, set -> sorted tuple, dict -> FrozenDict."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, FrozenDict):
-        return value
-    if isinstance(value, Mapping):
-        return FrozenDict(value)
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, (set, frozenset)):
-        frozen = [_freeze(v) for v in value]
-        try:
-            return tuple(sorted(frozen))
-        except TypeError:
-            return tuple(frozen)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return FrozenDict({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+  """Turns JSON-like values into hashable ones: list/tuple -> tuple, set -> sorted tuple, dict -> FrozenDict."""
+  if isinstance(value, enum.Enum):
+    return value.value
+  if isinstance(value, FrozenDict):
     return value
+  if isinstance(value, Mapping):
+    return FrozenDict(value)
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  if isinstance(value, (set, frozenset)):
+    frozen = [_freeze(v) for v in value]
+    try:
+      return tuple(sorted(frozen))
+    except TypeError:
+      return tuple(frozen)
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return FrozenDict({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+  return value
 
 
 def _thaw(value: Any) -> Any:
-    """The inverse of :func:`_freeze`, producing JSON-serialisable values."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_thaw(v) for v in value]
-    return value
+  """The inverse of :func:`_freeze`, producing JSON-serialisable values."""
+  if isinstance(value, enum.Enum):
+    return value.value
+  if isinstance(value, Mapping):
+    return {k: _thaw(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, set, frozenset)):
+    return [_thaw(v) for v in value]
+  return value
 
 
 def _show(value: Any) -> str:
-    return repr(_thaw(value))
+  return repr(_thaw(value))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,52 +243,52 @@ _REGISTRY: dict[str, type["PeftConfig"]] = {}
 
 
 def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
-    """Class decorator registering a :class:`PeftConfig` subclass under its ``peft_type`` default."""
-    if not (isinstance(cls, type) and issubclass(cls, PeftConfig)):
-        raise TypeError(f"register_config expects a PeftConfig subclass, got {cls!r}")
-    if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
-        raise TypeError(f"{cls.__name__} must itself be decorated with @dataclasses.dataclass")
-    peft_type = cls.__dataclass_fields__["peft_type"].default
-    if not isinstance(peft_type, str) or not peft_type:
-        raise TypeError(f"{cls.__name__} must give `peft_type` a string default (e.g. peft_type: str = 'LORA')")
-    existing = _REGISTRY.get(peft_type)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"peft_type {peft_type!r} is already registered by {existing.__module__}.{existing.__name__}")
-    _REGISTRY[peft_type] = cls
-    return cls
+  """Class decorator registering a :class:`PeftConfig` subclass under its ``peft_type`` default."""
+  if not (isinstance(cls, type) and issubclass(cls, PeftConfig)):
+    raise TypeError(f"register_config expects a PeftConfig subclass, got {cls!r}")
+  if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+    raise TypeError(f"{cls.__name__} must itself be decorated with @dataclasses.dataclass")
+  peft_type = cls.__dataclass_fields__["peft_type"].default
+  if not isinstance(peft_type, str) or not peft_type:
+    raise TypeError(f"{cls.__name__} must give `peft_type` a string default (e.g. peft_type: str = 'LORA')")
+  existing = _REGISTRY.get(peft_type)
+  if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+    raise ValueError(f"peft_type {peft_type!r} is already registered by {existing.__module__}.{existing.__name__}")
+  _REGISTRY[peft_type] = cls
+  return cls
 
 
 def registered_peft_types() -> tuple[str, ...]:
-    """The peft_type strings that jpeft has a config class for, sorted."""
-    return tuple(sorted(_REGISTRY))
+  """The peft_type strings that jpeft has a config class for, sorted."""
+  return tuple(sorted(_REGISTRY))
 
 
 def _load_method_modules() -> None:
-    # Method configs register themselves when their module is imported.
-    try:
-        importlib.import_module("jpeft.methods")
-    except ImportError:
-        pass
+  # Method configs register themselves when their module is imported.
+  try:
+    importlib.import_module("jpeft.methods")
+  except ImportError:
+    pass
 
 
 def get_config_class(peft_type: str) -> type["PeftConfig"]:
-    """The registered config class for ``peft_type``; raises :class:`UnsupportedConfigError` if there is none."""
-    peft_type = _freeze(peft_type)
-    if peft_type not in _REGISTRY:
-        _load_method_modules()
-    cls = _REGISTRY.get(peft_type)
-    if cls is not None:
-        return cls
-    supported = ", ".join(registered_peft_types()) or "(none)"
-    if peft_type in PEFT_METHOD_TYPES:
-        raise UnsupportedConfigError(
-            f"peft_type {peft_type!r} is a PEFT method that is not (yet) implemented in jpeft. "
-            f"Supported peft_type values: {supported}."
-        )
+  """The registered config class for ``peft_type``; raises :class:`UnsupportedConfigError` if there is none."""
+  peft_type = _freeze(peft_type)
+  if peft_type not in _REGISTRY:
+    _load_method_modules()
+  cls = _REGISTRY.get(peft_type)
+  if cls is not None:
+    return cls
+  supported = ", ".join(registered_peft_types()) or "(none)"
+  if peft_type in PEFT_METHOD_TYPES:
     raise UnsupportedConfigError(
-        f"Unknown peft_type {peft_type!r}: it is neither a PEFT method nor registered in jpeft. "
-        f"Supported peft_type values: {supported}."
+      f"peft_type {peft_type!r} is a PEFT method that is not (yet) implemented in jpeft. "
+      f"Supported peft_type values: {supported}."
     )
+  raise UnsupportedConfigError(
+    f"Unknown peft_type {peft_type!r}: it is neither a PEFT method nor registered in jpeft. "
+    f"Supported peft_type values: {supported}."
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,127 +297,126 @@ def get_config_class(peft_type: str) -> type["PeftConfig"]:
 
 
 def _is_truthy(value: Any) -> bool:
-    return bool(value)
+  return bool(value)
 
 
 def _is_not_none(value: Any) -> bool:
-    return value is not None
+  return value is not None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PeftConfig:
-    """Fields shared by PEFT's adapter configs.
+  """Fields shared by PEFT's adapter configs.
 
-    Subclasses set class-level metadata:
+  Subclasses set class-level metadata:
 
-    * ``peft_absent_fields``: fields of this base class that the PEFT config class does not have; they are not
-      written by :func:`config_to_dict` and are treated as unknown keys by :func:`config_from_dict`.
-    * ``not_serialized_fields``: fields PEFT drops when saving (e.g. LoRA's ``runtime_config``).
-    * ``unsupported_fields``: field name -> predicate telling whether the value turns on a feature jpeft does not
-      implement; such a value raises :class:`UnsupportedConfigError`.
-    """
+  * ``peft_absent_fields``: fields of this base class that the PEFT config class does not have; they are not
+    written by :func:`config_to_dict` and are treated as unknown keys by :func:`config_from_dict`.
+  * ``not_serialized_fields``: fields PEFT drops when saving (e.g. LoRA's ``runtime_config``).
+  * ``unsupported_fields``: field name -> predicate telling whether the value turns on a feature jpeft does not
+    implement; such a value raises :class:`UnsupportedConfigError`.
+  """
 
-    peft_type: Optional[str] = None
-    task_type: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    inference_mode: bool = False
-    peft_version: Optional[str] = None
-    auto_mapping: Optional[FrozenDict] = None
-    target_modules: Optional[Union[tuple[str, ...], str]] = None
-    exclude_modules: Optional[Union[tuple[str, ...], str]] = None
-    layers_to_transform: Optional[Union[tuple[int, ...], int]] = None
-    layers_pattern: Optional[Union[tuple[str, ...], str]] = None
-    modules_to_save: Optional[tuple[str, ...]] = None
+  peft_type: Optional[str] = None
+  task_type: Optional[str] = None
+  base_model_name_or_path: Optional[str] = None
+  revision: Optional[str] = None
+  inference_mode: bool = False
+  peft_version: Optional[str] = None
+  auto_mapping: Optional[FrozenDict] = None
+  target_modules: Optional[Union[tuple[str, ...], str]] = None
+  exclude_modules: Optional[Union[tuple[str, ...], str]] = None
+  layers_to_transform: Optional[Union[tuple[int, ...], int]] = None
+  layers_pattern: Optional[Union[tuple[str, ...], str]] = None
+  modules_to_save: Optional[tuple[str, ...]] = None
 
-    peft_absent_fields: ClassVar[frozenset[str]] = frozenset()
-    not_serialized_fields: ClassVar[frozenset[str]] = frozenset()
-    unsupported_fields: ClassVar[Mapping[str, Callable[[Any], bool]]] = {}
+  peft_absent_fields: ClassVar[frozenset[str]] = frozenset()
+  not_serialized_fields: ClassVar[frozenset[str]] = frozenset()
+  unsupported_fields: ClassVar[Mapping[str, Callable[[Any], bool]]] = {}
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            frozen = _freeze(value)
-            if frozen is not value:
-                object.__setattr__(self, f.name, frozen)
-        self._check_peft_type()
-        self._check_common()
-        self.validate()
-        self._check_unsupported()
+  def __post_init__(self) -> None:
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      frozen = _freeze(value)
+      if frozen is not value:
+        object.__setattr__(self, f.name, frozen)
+    self._check_peft_type()
+    self._check_common()
+    self.validate()
+    self._check_unsupported()
 
-    # -- hooks --------------------------------------------------------------------------------------------------
+  # -- hooks --------------------------------------------------------------------------------------------------
 
-    def validate(self) -> None:
-        """Method-specific checks (the errors PEFT itself raises). Runs before the unsupported-feature checks."""
+  def validate(self) -> None:
+    """Method-specific checks (the errors PEFT itself raises). Runs before the unsupported-feature checks."""
 
-    # -- checks -------------------------------------------------------------------------------------------------
+  # -- checks -------------------------------------------------------------------------------------------------
 
-    def _set(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, _freeze(value))
+  def _set(self, name: str, value: Any) -> None:
+    object.__setattr__(self, name, _freeze(value))
 
-    def _check_peft_type(self) -> None:
-        expected = type(self).__dataclass_fields__["peft_type"].default
-        if expected is None:
-            return
-        if self.peft_type is None:
-            self._set("peft_type", expected)
-        elif self.peft_type != expected:
-            raise ValueError(f"{type(self).__name__} has peft_type {expected!r}, got {self.peft_type!r}")
+  def _check_peft_type(self) -> None:
+    expected = type(self).__dataclass_fields__["peft_type"].default
+    if expected is None:
+      return
+    if self.peft_type is None:
+      self._set("peft_type", expected)
+    elif self.peft_type != expected:
+      raise ValueError(f"{type(self).__name__} has peft_type {expected!r}, got {self.peft_type!r}")
 
-    def _check_common(self) -> None:
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ValueError(
-                f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
-                f"{', '.join(TASK_TYPES)}."
-            )
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, tuple)):
-                raise TypeError(f"`{name}` must be a str, a list of str or None, got {value!r}")
-            if isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
-                raise TypeError(f"`{name}` must contain only strings, got {_show(value)}")
-        ltt = self.layers_to_transform
-        if ltt is not None:
-            items = ltt if isinstance(ltt, tuple) else (ltt,)
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-                raise TypeError(f"`layers_to_transform` must be an int or a list of ints, got {_show(ltt)}")
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
-                raise TypeError(f"`modules_to_save` must be a list of str, got {_show(self.modules_to_save)}")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+  def _check_common(self) -> None:
+    if self.task_type is not None and self.task_type not in TASK_TYPES:
+      raise ValueError(
+        f"Invalid task type: '{self.task_type}'. Must be one of the following task types: {', '.join(TASK_TYPES)}."
+      )
+    for name in ("target_modules", "exclude_modules"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, (str, tuple)):
+        raise TypeError(f"`{name}` must be a str, a list of str or None, got {value!r}")
+      if isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
+        raise TypeError(f"`{name}` must contain only strings, got {_show(value)}")
+    ltt = self.layers_to_transform
+    if ltt is not None:
+      items = ltt if isinstance(ltt, tuple) else (ltt,)
+      if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise TypeError(f"`layers_to_transform` must be an int or a list of ints, got {_show(ltt)}")
+    if self.modules_to_save is not None:
+      if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+        raise TypeError(f"`modules_to_save` must be a list of str, got {_show(self.modules_to_save)}")
+    if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+      raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+    if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+      raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+    if self.layers_pattern and self.layers_to_transform is None:
+      raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
 
-    def _check_unsupported(self) -> None:
-        for name, is_active in type(self).unsupported_fields.items():
-            value = getattr(self, name)
-            if is_active(value):
-                default = _field_default(type(self), name)
-                raise UnsupportedConfigError(
-                    f"{self.peft_type} config field `{name}`={_show(value)} is not supported by jpeft "
-                    f"(only the default {_show(default)} is)."
-                )
+  def _check_unsupported(self) -> None:
+    for name, is_active in type(self).unsupported_fields.items():
+      value = getattr(self, name)
+      if is_active(value):
+        default = _field_default(type(self), name)
+        raise UnsupportedConfigError(
+          f"{self.peft_type} config field `{name}`={_show(value)} is not supported by jpeft "
+          f"(only the default {_show(default)} is)."
+        )
 
-    # -- conveniences -------------------------------------------------------------------------------------------
+  # -- conveniences -------------------------------------------------------------------------------------------
 
-    def replace(self, **changes: Any) -> "PeftConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+  def replace(self, **changes: Any) -> "PeftConfig":
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict:
-        return config_to_dict(self)
+  def to_dict(self) -> dict:
+    return config_to_dict(self)
 
 
 def _field_default(cls: type, name: str) -> Any:
-    f = cls.__dataclass_fields__[name]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return None
+  f = cls.__dataclass_fields__[name]
+  if f.default is not dataclasses.MISSING:
+    return f.default
+  if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+    return f.default_factory()  # type: ignore[misc]
+  return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,133 +432,133 @@ _UNSUPPORTED_LORA_INITS = ("eva", "corda", "loftq", "orthogonal", "mica", "lora_
 @register_config
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig(PeftConfig):
-    """PEFT 0.21.2's ``LoraConfig``: every field, with PEFT's defaults.
+  """PEFT 0.21.2's ``LoraConfig``: every field, with PEFT's defaults.
 
-    Implemented: ``r``, ``lora_alpha``, ``lora_dropout``, ``bias``, ``use_rslora``, ``use_dora``,
-    ``init_lora_weights`` in (True, False, "gaussian", "pissa", "olora"), ``rank_pattern``, ``alpha_pattern`` and
-    the targeting fields.  Any other feature switched on raises :class:`UnsupportedConfigError`.
-    """
+  Implemented: ``r``, ``lora_alpha``, ``lora_dropout``, ``bias``, ``use_rslora``, ``use_dora``,
+  ``init_lora_weights`` in (True, False, "gaussian", "pissa", "olora"), ``rank_pattern``, ``alpha_pattern`` and
+  the targeting fields.  Any other feature switched on raises :class:`UnsupportedConfigError`.
+  """
 
-    peft_type: Optional[str] = "LORA"
-    r: int = 8
-    lora_alpha: Union[int, float] = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    init_lora_weights: Union[bool, str] = True
-    rank_pattern: Optional[FrozenDict] = FrozenDict()
-    alpha_pattern: Optional[FrozenDict] = FrozenDict()
-    megatron_config: Optional[FrozenDict] = None
-    megatron_core: Optional[str] = "megatron.core"
-    trainable_token_indices: Optional[Union[tuple[int, ...], FrozenDict]] = None
-    loftq_config: FrozenDict = FrozenDict()
-    eva_config: Optional[FrozenDict] = None
-    corda_config: Optional[FrozenDict] = None
-    lora_ga_config: Optional[FrozenDict] = None
-    use_dora: bool = False
-    velora_config: Optional[FrozenDict] = None
-    alora_invocation_tokens: Optional[tuple[int, ...]] = None
-    use_qalora: bool = False
-    qalora_group_size: int = 16
-    monteclora_config: Optional[FrozenDict] = None
-    layer_replication: Optional[tuple[tuple[int, int], ...]] = None
-    runtime_config: FrozenDict = FrozenDict(ephemeral_gpu_offload=False)
-    lora_bias: bool = False
-    target_parameters: Optional[tuple[str, ...]] = None
-    use_bdlora: Optional[FrozenDict] = None
-    arrow_config: Optional[FrozenDict] = None
-    kasa_config: Optional[FrozenDict] = None
-    ensure_weight_tying: bool = False
+  peft_type: Optional[str] = "LORA"
+  r: int = 8
+  lora_alpha: Union[int, float] = 8
+  lora_dropout: float = 0.0
+  fan_in_fan_out: bool = False
+  bias: str = "none"
+  use_rslora: bool = False
+  init_lora_weights: Union[bool, str] = True
+  rank_pattern: Optional[FrozenDict] = FrozenDict()
+  alpha_pattern: Optional[FrozenDict] = FrozenDict()
+  megatron_config: Optional[FrozenDict] = None
+  megatron_core: Optional[str] = "megatron.core"
+  trainable_token_indices: Optional[Union[tuple[int, ...], FrozenDict]] = None
+  loftq_config: FrozenDict = FrozenDict()
+  eva_config: Optional[FrozenDict] = None
+  corda_config: Optional[FrozenDict] = None
+  lora_ga_config: Optional[FrozenDict] = None
+  use_dora: bool = False
+  velora_config: Optional[FrozenDict] = None
+  alora_invocation_tokens: Optional[tuple[int, ...]] = None
+  use_qalora: bool = False
+  qalora_group_size: int = 16
+  monteclora_config: Optional[FrozenDict] = None
+  layer_replication: Optional[tuple[tuple[int, int], ...]] = None
+  runtime_config: FrozenDict = FrozenDict(ephemeral_gpu_offload=False)
+  lora_bias: bool = False
+  target_parameters: Optional[tuple[str, ...]] = None
+  use_bdlora: Optional[FrozenDict] = None
+  arrow_config: Optional[FrozenDict] = None
+  kasa_config: Optional[FrozenDict] = None
+  ensure_weight_tying: bool = False
 
-    not_serialized_fields: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
-    unsupported_fields: ClassVar[Mapping[str, Callable[[Any], bool]]] = {
-        # PEFT turns a variant on whenever the sub-config is present (even an empty dict becomes a default
-        # sub-config instance, which is truthy).
-        "kasa_config": _is_not_none,
-        "use_bdlora": _is_not_none,
-        "arrow_config": _is_not_none,
-        "velora_config": _is_not_none,
-        "monteclora_config": _is_not_none,
-        "trainable_token_indices": _is_not_none,
-        "alora_invocation_tokens": _is_truthy,
-        "megatron_config": _is_truthy,
-        "layer_replication": _is_truthy,
-        "target_parameters": _is_truthy,
-        "use_qalora": _is_truthy,
-        "lora_bias": _is_truthy,
-        "ensure_weight_tying": _is_truthy,
-    }
+  not_serialized_fields: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
+  unsupported_fields: ClassVar[Mapping[str, Callable[[Any], bool]]] = {
+    # PEFT turns a variant on whenever the sub-config is present (even an empty dict becomes a default
+    # sub-config instance, which is truthy).
+    "kasa_config": _is_not_none,
+    "use_bdlora": _is_not_none,
+    "arrow_config": _is_not_none,
+    "velora_config": _is_not_none,
+    "monteclora_config": _is_not_none,
+    "trainable_token_indices": _is_not_none,
+    "alora_invocation_tokens": _is_truthy,
+    "megatron_config": _is_truthy,
+    "layer_replication": _is_truthy,
+    "target_parameters": _is_truthy,
+    "use_qalora": _is_truthy,
+    "lora_bias": _is_truthy,
+    "ensure_weight_tying": _is_truthy,
+  }
 
-    def validate(self) -> None:
-        r = self.r
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise TypeError(f"`r` should be an int, got {r!r}")
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise TypeError(f"`lora_alpha` should be a number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout <= 1.0:
-            raise ValueError(f"dropout probability has to be between 0 and 1, but got {self.lora_dropout}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"Requested bias: {self.bias}, is not implemented (use 'none', 'all' or 'lora_only').")
-        for name in ("rank_pattern", "alpha_pattern"):
-            value = getattr(self, name)
-            if value is None:
-                self._set(name, FrozenDict())
-            elif not isinstance(value, FrozenDict):
-                raise TypeError(f"`{name}` must be a dict, got {value!r}")
-        if isinstance(self.target_parameters, str):
-            raise TypeError("`target_parameters` must be a list of strings or None.")
-        if self.use_dora and self.megatron_config:
-            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
-        if self.lora_bias:
-            if self.init_lora_weights not in (True, False):
-                raise ValueError(
-                    f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
-                    f"init_lora_weights={self.init_lora_weights} instead."
-                )
-            if self.use_dora:
-                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
-        if self.fan_in_fan_out:
-            # PEFT does the same for nn.Linear targets (every Llama-like target); only GPT-2 style Conv1D layers
-            # use fan_in_fan_out=True, and jpeft has none.
-            logging.warning(
-                "fan_in_fan_out is set to True but the target modules are Linear layers. Setting fan_in_fan_out to False."
-            )
-            self._set("fan_in_fan_out", False)
-        self._check_init_lora_weights()
-        self._check_init_sub_configs()
+  def validate(self) -> None:
+    r = self.r
+    if isinstance(r, bool) or not isinstance(r, int):
+      raise TypeError(f"`r` should be an int, got {r!r}")
+    if r <= 0:
+      raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+    if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+      raise TypeError(f"`lora_alpha` should be a number, got {self.lora_alpha!r}")
+    if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout <= 1.0:
+      raise ValueError(f"dropout probability has to be between 0 and 1, but got {self.lora_dropout}")
+    if self.bias not in ("none", "all", "lora_only"):
+      raise ValueError(f"Requested bias: {self.bias}, is not implemented (use 'none', 'all' or 'lora_only').")
+    for name in ("rank_pattern", "alpha_pattern"):
+      value = getattr(self, name)
+      if value is None:
+        self._set(name, FrozenDict())
+      elif not isinstance(value, FrozenDict):
+        raise TypeError(f"`{name}` must be a dict, got {value!r}")
+    if isinstance(self.target_parameters, str):
+      raise TypeError("`target_parameters` must be a list of strings or None.")
+    if self.use_dora and self.megatron_config:
+      raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
+    if self.lora_bias:
+      if self.init_lora_weights not in (True, False):
+        raise ValueError(
+          f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+          f"init_lora_weights={self.init_lora_weights} instead."
+        )
+      if self.use_dora:
+        raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+    if self.fan_in_fan_out:
+      # PEFT does the same for nn.Linear targets (every Llama-like target); only GPT-2 style Conv1D layers
+      # use fan_in_fan_out=True, and jpeft has none.
+      logging.warning(
+        "fan_in_fan_out is set to True but the target modules are Linear layers. Setting fan_in_fan_out to False."
+      )
+      self._set("fan_in_fan_out", False)
+    self._check_init_lora_weights()
+    self._check_init_sub_configs()
 
-    def _check_init_lora_weights(self) -> None:
-        init = self.init_lora_weights
-        if isinstance(init, bool):
-            return
-        if not isinstance(init, str):
-            raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
-        lowered = init.lower()
-        if lowered in ("gaussian", "olora"):
-            self._set("init_lora_weights", lowered)
-            return
-        if init == "pissa":
-            return
-        # The same comparisons as PEFT's LoraLayer.update_layer: anything else is an unknown initialization there.
-        if init in _UNSUPPORTED_LORA_INITS or lowered == "mica" or init.startswith(("pissa", "corda")):
-            raise UnsupportedConfigError(
-                f"{self.peft_type} config field `init_lora_weights`={init!r} is not supported by jpeft "
-                f"(supported: True, False, {', '.join(repr(s) for s in _SUPPORTED_LORA_INITS)})."
-            )
-        raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+  def _check_init_lora_weights(self) -> None:
+    init = self.init_lora_weights
+    if isinstance(init, bool):
+      return
+    if not isinstance(init, str):
+      raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+    lowered = init.lower()
+    if lowered in ("gaussian", "olora"):
+      self._set("init_lora_weights", lowered)
+      return
+    if init == "pissa":
+      return
+    # The same comparisons as PEFT's LoraLayer.update_layer: anything else is an unknown initialization there.
+    if init in _UNSUPPORTED_LORA_INITS or lowered == "mica" or init.startswith(("pissa", "corda")):
+      raise UnsupportedConfigError(
+        f"{self.peft_type} config field `init_lora_weights`={init!r} is not supported by jpeft "
+        f"(supported: True, False, {', '.join(repr(s) for s in _SUPPORTED_LORA_INITS)})."
+      )
+    raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
 
-    def _check_init_sub_configs(self) -> None:
-        # The init sub-configs only matter together with their init_lora_weights value, which is refused above;
-        # otherwise PEFT ignores them (and resets loftq_config to {}), and so does jpeft.
-        if self.loftq_config:
-            logging.warning("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
-            self._set("loftq_config", FrozenDict())
-        for name, init in (("eva_config", "eva"), ("corda_config", "corda"), ("lora_ga_config", "lora_ga")):
-            if getattr(self, name) is not None:
-                logging.warning(f"`{name}` specified but will be ignored when `init_lora_weights` is not '{init}'.")
+  def _check_init_sub_configs(self) -> None:
+    # The init sub-configs only matter together with their init_lora_weights value, which is refused above;
+    # otherwise PEFT ignores them (and resets loftq_config to {}), and so does jpeft.
+    if self.loftq_config:
+      logging.warning("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+      self._set("loftq_config", FrozenDict())
+    for name, init in (("eva_config", "eva"), ("corda_config", "corda"), ("lora_ga_config", "lora_ga")):
+      if getattr(self, name) is not None:
+        logging.warning(f"`{name}` specified but will be ignored when `init_lora_weights` is not '{init}'.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,85 +567,85 @@ class LoraConfig(PeftConfig):
 
 
 def _serialized_fields(cls: type[PeftConfig]) -> list[str]:
-    return [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in cls.peft_absent_fields and f.name not in cls.not_serialized_fields
-    ]
+  return [
+    f.name
+    for f in dataclasses.fields(cls)
+    if f.name not in cls.peft_absent_fields and f.name not in cls.not_serialized_fields
+  ]
 
 
 def config_from_dict(d: Mapping[str, Any]) -> PeftConfig:
-    """Builds the registered config class named by ``d["peft_type"]``.
+  """Builds the registered config class named by ``d["peft_type"]``.
 
-    Keys that are not fields of the PEFT config are ignored with a warning (forward compatibility, as in PEFT);
-    missing keys take PEFT's defaults.
-    """
-    if not isinstance(d, Mapping):
-        raise InvalidConfigError(f"an adapter config must be a JSON object / dict, got {type(d).__name__}")
-    if "peft_type" not in d or d["peft_type"] is None:
-        raise InvalidConfigError(
-            "The adapter config has no `peft_type` key (the one key PEFT requires); cannot tell which method it is."
-        )
-    cls = get_config_class(d["peft_type"])
-    known = {f.name for f in dataclasses.fields(cls)} - cls.peft_absent_fields
-    kwargs = {k: v for k, v in d.items() if k in known}
-    unknown = sorted(k for k in d if k not in known)
-    if unknown:
-        logging.warning(
-            f"Unexpected keys {unknown} for {cls.__name__}; they are ignored. The config was probably written by a "
-            f"newer PEFT version."
-        )
-    return cls(**kwargs)
+  Keys that are not fields of the PEFT config are ignored with a warning (forward compatibility, as in PEFT);
+  missing keys take PEFT's defaults.
+  """
+  if not isinstance(d, Mapping):
+    raise InvalidConfigError(f"an adapter config must be a JSON object / dict, got {type(d).__name__}")
+  if "peft_type" not in d or d["peft_type"] is None:
+    raise InvalidConfigError(
+      "The adapter config has no `peft_type` key (the one key PEFT requires); cannot tell which method it is."
+    )
+  cls = get_config_class(d["peft_type"])
+  known = {f.name for f in dataclasses.fields(cls)} - cls.peft_absent_fields
+  kwargs = {k: v for k, v in d.items() if k in known}
+  unknown = sorted(k for k in d if k not in known)
+  if unknown:
+    logging.warning(
+      f"Unexpected keys {unknown} for {cls.__name__}; they are ignored. The config was probably written by a "
+      f"newer PEFT version."
+    )
+  return cls(**kwargs)
 
 
 def config_to_dict(config: PeftConfig) -> dict[str, Any]:
-    """The JSON-ready dict PEFT's ``to_dict`` would give: tuples become lists, FrozenDicts become dicts."""
-    cls = type(config)
-    return {name: _thaw(getattr(config, name)) for name in _serialized_fields(cls)}
+  """The JSON-ready dict PEFT's ``to_dict`` would give: tuples become lists, FrozenDicts become dicts."""
+  cls = type(config)
+  return {name: _thaw(getattr(config, name)) for name in _serialized_fields(cls)}
 
 
 def _installed_peft_version() -> str:
-    try:
-        return importlib.metadata.version("peft")
-    except importlib.metadata.PackageNotFoundError:
-        return DEFAULT_PEFT_VERSION
+  try:
+    return importlib.metadata.version("peft")
+  except importlib.metadata.PackageNotFoundError:
+    return DEFAULT_PEFT_VERSION
 
 
 def save_config(config: PeftConfig, folder: Union[str, os.PathLike]) -> str:
-    """Writes ``folder/adapter_config.json`` as ``PeftModel.save_pretrained`` does; returns the file path."""
-    folder = os.fspath(folder)
-    if os.path.isfile(folder):
-        raise ValueError(f"Provided path ({folder}) should be a directory, not a file")
-    os.makedirs(folder, exist_ok=True)
-    output = config_to_dict(config)
-    output["inference_mode"] = True
-    if output.get("peft_version") is None:
-        output["peft_version"] = _installed_peft_version()
-    path = os.path.join(folder, CONFIG_NAME)
-    with open(path, "w") as f:
-        f.write(json.dumps(output, indent=2, sort_keys=True))
-    return path
+  """Writes ``folder/adapter_config.json`` as ``PeftModel.save_pretrained`` does; returns the file path."""
+  folder = os.fspath(folder)
+  if os.path.isfile(folder):
+    raise ValueError(f"Provided path ({folder}) should be a directory, not a file")
+  os.makedirs(folder, exist_ok=True)
+  output = config_to_dict(config)
+  output["inference_mode"] = True
+  if output.get("peft_version") is None:
+    output["peft_version"] = _installed_peft_version()
+  path = os.path.join(folder, CONFIG_NAME)
+  with open(path, "w") as f:
+    f.write(json.dumps(output, indent=2, sort_keys=True))
+  return path
 
 
 def load_config(path: Union[str, os.PathLike]) -> PeftConfig:
-    """Reads an adapter config from a folder (its ``adapter_config.json``) or from a JSON file path."""
-    path = os.fspath(path)
-    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        if os.path.isdir(path):
-            raise FileNotFoundError(f"No {CONFIG_NAME} in folder {path!r} (looked for {file!r})")
-        raise FileNotFoundError(f"Adapter config not found: {file!r}")
-    try:
-        with open(file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InvalidConfigError(f"{file}: invalid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise InvalidConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    try:
-        return config_from_dict(data)
-    except InvalidConfigError as e:
-        raise InvalidConfigError(f"{file}: {e}") from e
+  """Reads an adapter config from a folder (its ``adapter_config.json``) or from a JSON file path."""
+  path = os.fspath(path)
+  file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    if os.path.isdir(path):
+      raise FileNotFoundError(f"No {CONFIG_NAME} in folder {path!r} (looked for {file!r})")
+    raise FileNotFoundError(f"Adapter config not found: {file!r}")
+  try:
+    with open(file) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise InvalidConfigError(f"{file}: invalid JSON ({e})") from e
+  if not isinstance(data, dict):
+    raise InvalidConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
+  try:
+    return config_from_dict(data)
+  except InvalidConfigError as e:
+    raise InvalidConfigError(f"{file}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -655,35 +654,35 @@ def load_config(path: Union[str, os.PathLike]) -> PeftConfig:
 
 
 def get_pattern_key(pattern_keys, key: str) -> Optional[str]:
-    """The first pattern (in order) ``p`` with ``re.match(rf"(.*\\.)?({p})$", key)``, else None."""
-    for p in pattern_keys:
-        if re.match(rf"(.*\.)?({p})$", key):
-            return p
-    return None
+  """The first pattern (in order) ``p`` with ``re.match(rf"(.*\\.)?({p})$", key)``, else None."""
+  for p in pattern_keys:
+    if re.match(rf"(.*\.)?({p})$", key):
+      return p
+  return None
 
 
 def resolve_pattern(patterns: Optional[Mapping[str, Any]], key: str, default: Any) -> Any:
-    """The value of the first matching pattern of ``patterns`` (see :func:`get_pattern_key`), else ``default``."""
-    if not patterns:
-        return default
-    p = get_pattern_key(patterns.keys(), key)
-    return default if p is None else patterns[p]
+  """The value of the first matching pattern of ``patterns`` (see :func:`get_pattern_key`), else ``default``."""
+  if not patterns:
+    return default
+  p = get_pattern_key(patterns.keys(), key)
+  return default if p is None else patterns[p]
 
 
 def resolve_rank_alpha(config: PeftConfig, module_name: str) -> tuple[int, Union[int, float]]:
-    """``(r, alpha)`` of one adapted module after PEFT's ``rank_pattern`` / ``alpha_pattern`` resolution."""
-    base_alpha = getattr(config, "lora_alpha", None)
-    if base_alpha is None:
-        base_alpha = getattr(config, "alpha", None)
-    r = resolve_pattern(getattr(config, "rank_pattern", None), module_name, config.r)  # type: ignore[attr-defined]
-    alpha = resolve_pattern(getattr(config, "alpha_pattern", None), module_name, base_alpha)
-    if r <= 0:
-        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-    return r, alpha
+  """``(r, alpha)`` of one adapted module after PEFT's ``rank_pattern`` / ``alpha_pattern`` resolution."""
+  base_alpha = getattr(config, "lora_alpha", None)
+  if base_alpha is None:
+    base_alpha = getattr(config, "alpha", None)
+  r = resolve_pattern(getattr(config, "rank_pattern", None), module_name, config.r)  # type: ignore[attr-defined]
+  alpha = resolve_pattern(getattr(config, "alpha_pattern", None), module_name, base_alpha)
+  if r <= 0:
+    raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+  return r, alpha
 
 
 def lora_scaling(r: int, alpha: Union[int, float], use_rslora: bool = False) -> float:
-    """LoRA's scaling: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``."""
-    if r <= 0:
-        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+  """LoRA's scaling: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``."""
+  if r <= 0:
+    raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+  return alpha / math.sqrt(r) if use_rslora else alpha / r

@@ -45,10 +45,10 @@ SHARED_PREFIX = "base_model."
 class ModuleSpec:
   """What a method sees of one targeted module."""
 
-  name: str               # Hugging Face module path, e.g. "model.layers.0.self_attn.q_proj"
-  kind: str               # "linear" | "embedding" | "norm"
-  weight: Any             # the base weight array ((out, in) for linear, (V, H) for embedding)
-  bias: Any = None        # the base bias or None
+  name: str  # Hugging Face module path, e.g. "model.layers.0.self_attn.q_proj"
+  kind: str  # "linear" | "embedding" | "norm"
+  weight: Any  # the base weight array ((out, in) for linear, (V, H) for embedding)
+  bias: Any = None  # the base bias or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,8 @@ def init(key: Array, params, config, model_config: LlamaConfig):
   if bias != "none" and any(k.endswith(".bias") for k in params):
     # On a model without biases (the usual Llama) PEFT's bias="all"/"lora_only" trains and saves nothing.
     raise config_lib.UnsupportedConfigError(
-        f"bias={bias!r} on a model with bias tensors is not supported yet (use bias='none')")
+      f"bias={bias!r} on a model with bias tensors is not supported yet (use bias='none')"
+    )
   adapter: Adapter = {}
   params = dict(params)
   keys = jax.random.split(key, len(resolution.targets) + 1)
@@ -159,9 +160,13 @@ def init(key: Array, params, config, model_config: LlamaConfig):
     if spec.bias is not None:
       copy["bias"] = jnp.array(spec.bias)
     adapter[name] = copy
-  logging.info("%s adapter: %d adapted modules, %d full copies, %d trainable parameters",
-               config.peft_type, len(resolution.targets), len(resolution.modules_to_save),
-               num_params(adapter))
+  logging.info(
+    "%s adapter: %d adapted modules, %d full copies, %d trainable parameters",
+    config.peft_type,
+    len(resolution.targets),
+    len(resolution.modules_to_save),
+    num_params(adapter),
+  )
   return adapter, params
 
 
@@ -179,7 +184,7 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None):
   shared = adapter.get(SHARED, {})
   save = set(_modules_to_save(adapter, config))
   names = [n for n in adapter if n != SHARED]
-  rngs = (jax.random.split(rng, len(names)) if rng is not None else [None] * len(names))
+  rngs = jax.random.split(rng, len(names)) if rng is not None else [None] * len(names)
   for r, name in zip(rngs, names):
     tensors = adapter[name]
     if name in save:
@@ -187,8 +192,11 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None):
         out[f"{name}.{suffix}"] = value
       continue
     kind = module_kind(name)
-    weight = params["model.embed_tokens.weight"] if (name == "lm_head" and "lm_head.weight" not in params) \
-        else params[name + ".weight"]
+    weight = (
+      params["model.embed_tokens.weight"]
+      if (name == "lm_head" and "lm_head.weight" not in params)
+      else params[name + ".weight"]
+    )
     spec = ModuleSpec(name, kind, weight, params.get(name + ".bias"))
     for suffix, entry in method.adapt_module(spec, tensors, config, shared, r).items():
       out[f"{name}.{suffix}"] = entry
@@ -217,8 +225,9 @@ def merge(params, adapter: Adapter, config):
   "unmerge" in a functional library).
   """
   merged = materialize(apply(params, adapter, config))
-  if "lm_head.weight" not in params and hasattr(params_entry := apply(params, adapter, config).get(
-      "model.embed_tokens.weight"), "materialize"):
+  if "lm_head.weight" not in params and hasattr(
+    params_entry := apply(params, adapter, config).get("model.embed_tokens.weight"), "materialize"
+  ):
     merged["lm_head.weight"] = base_array(params_entry)  # a tied head keeps reading the base embedding
   return {k: v.astype(params[k].dtype) if k in params else v for k, v in merged.items()}
 
@@ -238,7 +247,8 @@ def unmerge(merged, adapter: Adapter, config):
     entry = adapted.get(name + ".weight")
     if name in save or not hasattr(entry, "delta"):
       raise NotImplementedError(
-          f"{config.peft_type} on {name!r} cannot be unmerged from merged weights: keep the base params")
+        f"{config.peft_type} on {name!r} cannot be unmerged from merged weights: keep the base params"
+      )
     out[name + ".weight"] = (merged[name + ".weight"] - entry.delta()).astype(merged[name + ".weight"].dtype)
   return out
 
@@ -310,8 +320,9 @@ def describe_key_mismatch(expected, given, *, limit: int | None = None) -> str |
   return "; ".join(parts) or None
 
 
-def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "state dict",
-                    extra: Mapping[str, Any] = ()) -> Adapter:
+def from_state_dict(
+  state: Mapping[str, Any], like: Adapter, *, source: str = "state dict", extra: Mapping[str, Any] = ()
+) -> Adapter:
   """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise.
 
   ``extra``: further keys the file may hold (the embedding base layers), checked for shape and skipped.
@@ -320,7 +331,8 @@ def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "s
   for key, ref in dict(extra).items():
     if key in state and tuple(state[key].shape) != tuple(ref.shape):
       raise AdapterCheckpointError(
-          f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has {tuple(ref.shape)}")
+        f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has {tuple(ref.shape)}"
+      )
   state = {k: v for k, v in state.items() if k not in dict(extra)}
   mismatch = describe_key_mismatch(expected, state, limit=4)
   if mismatch:
@@ -330,7 +342,8 @@ def from_state_dict(state: Mapping[str, Any], like: Adapter, *, source: str = "s
     value = state[key]
     if tuple(value.shape) != tuple(ref.shape):
       raise AdapterCheckpointError(
-          f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(ref.shape)}")
+        f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(ref.shape)}"
+      )
     out.setdefault(m, {})[t] = jnp.asarray(value, dtype=ref.dtype)
   return out
 

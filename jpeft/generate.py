@@ -33,16 +33,38 @@ def _select(logits, rng, temperature: float, top_p: float):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_p",
-                                             "eos_token_ids", "pad_token_id", "compute_dtype"))
-def _generate(params, input_ids, attention_mask, rng, *, config: LlamaConfig, max_new_tokens: int,
-              temperature: float, top_p: float, eos_token_ids: tuple[int, ...], pad_token_id: int,
-              compute_dtype):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "config",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "eos_token_ids",
+    "pad_token_id",
+    "compute_dtype",
+  ),
+)
+def _generate(
+  params,
+  input_ids,
+  attention_mask,
+  rng,
+  *,
+  config: LlamaConfig,
+  max_new_tokens: int,
+  temperature: float,
+  top_p: float,
+  eos_token_ids: tuple[int, ...],
+  pad_token_id: int,
+  compute_dtype,
+):
   b, prompt_len = input_ids.shape
   cache_dtype = compute_dtype or jnp.float32
   cache = KVCache.empty(config, b, prompt_len + max_new_tokens, cache_dtype)
-  logits, cache = forward(params, config, input_ids, attention_mask, cache=cache, cache_index=0,
-                          compute_dtype=compute_dtype)
+  logits, cache = forward(
+    params, config, input_ids, attention_mask, cache=cache, cache_index=0, compute_dtype=compute_dtype
+  )
   eos = jnp.asarray(eos_token_ids if eos_token_ids else (-1,), jnp.int32)
 
   def cond(state):
@@ -56,8 +78,15 @@ def _generate(params, input_ids, attention_mask, rng, *, config: LlamaConfig, ma
     tok = jnp.where(done, pad_token_id, tok)
     tokens = tokens.at[:, step].set(tok)
     done = done | jnp.isin(tok, eos)
-    logits, cache = forward(params, config, tok[:, None], jnp.ones((b, 1), jnp.int32), cache=cache,
-                            cache_index=prompt_len + step, compute_dtype=compute_dtype)
+    logits, cache = forward(
+      params,
+      config,
+      tok[:, None],
+      jnp.ones((b, 1), jnp.int32),
+      cache=cache,
+      cache_index=prompt_len + step,
+      compute_dtype=compute_dtype,
+    )
     return step + 1, logits[:, -1], cache, tokens, done, rng
 
   tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
@@ -66,10 +95,20 @@ def _generate(params, input_ids, attention_mask, rng, *, config: LlamaConfig, ma
   return tokens, step
 
 
-def generate(params, config: LlamaConfig, input_ids, attention_mask=None, *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, rng: jax.Array | None = None,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             compute_dtype=None) -> np.ndarray:
+def generate(
+  params,
+  config: LlamaConfig,
+  input_ids,
+  attention_mask=None,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  rng: jax.Array | None = None,
+  eos_token_id: int | Sequence[int] | None = None,
+  pad_token_id: int | None = None,
+  compute_dtype=None,
+) -> np.ndarray:
   """Generate up to ``max_new_tokens`` for a left-padded batch.
 
   Args:
@@ -103,8 +142,17 @@ def generate(params, config: LlamaConfig, input_ids, attention_mask=None, *, max
     pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
   if rng is None:
     rng = jax.random.key(0)
-  tokens, _ = _generate(params, input_ids, jnp.asarray(mask, jnp.int32), rng, config=config,
-                        max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                        top_p=float(top_p), eos_token_ids=tuple(int(e) for e in eos),
-                        pad_token_id=int(pad_token_id), compute_dtype=compute_dtype)
+  tokens, _ = _generate(
+    params,
+    input_ids,
+    jnp.asarray(mask, jnp.int32),
+    rng,
+    config=config,
+    max_new_tokens=int(max_new_tokens),
+    temperature=float(temperature),
+    top_p=float(top_p),
+    eos_token_ids=tuple(int(e) for e in eos),
+    pad_token_id=int(pad_token_id),
+    compute_dtype=compute_dtype,
+  )
   return np.asarray(tokens)

@@ -21,8 +21,9 @@ from jpeft import core
 OPTIMIZER_TYPES = ("adamw", "lora-fa", "lora+")
 
 
-def schedule(lr: float, *, lr_scheduler: str = "constant", warmup_steps: int = 0,
-             total_steps: int | None = None) -> optax.Schedule:
+def schedule(
+  lr: float, *, lr_scheduler: str = "constant", warmup_steps: int = 0, total_steps: int | None = None
+) -> optax.Schedule:
   """Linear warmup from 0, then constant / linear / cosine decay to 0 at ``total_steps``."""
   kind = lr_scheduler.lower()
   if kind not in ("constant", "linear", "cosine"):
@@ -46,6 +47,7 @@ def schedule(lr: float, *, lr_scheduler: str = "constant", warmup_steps: int = 0
 
 def _labels(adapter, peft_config, optimizer_type: str):
   """Per-tensor group names for multi_transform."""
+
   def label(module, tensor, value):
     if optimizer_type == "lora-fa" and tensor.startswith("lora_A"):
       return "frozen"
@@ -57,6 +59,7 @@ def _labels(adapter, peft_config, optimizer_type: str):
       if "lora_B" in tensor or value.ndim == 1:
         return "b"
     return "default"
+
   return {m: {t: label(m, t, v) for t, v in ts.items()} for m, ts in adapter.items()}
 
 
@@ -91,21 +94,21 @@ def lorafa_projection(peft_config) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    adapter,
-    peft_config=None,
-    *,
-    lr: float,
-    optimizer_type: str = "AdamW",
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    grad_norm_clip: float | None = None,
-    lr_scheduler: str = "constant",
-    warmup_steps: int = 0,
-    total_steps: int | None = None,
-    loraplus_lr_ratio: float | None = None,
-    loraplus_lr_embedding: float = 1e-6,
-    loraplus_weight_decay: float = 0.0,
+  adapter,
+  peft_config=None,
+  *,
+  lr: float,
+  optimizer_type: str = "AdamW",
+  weight_decay: float = 0.0,
+  betas: tuple[float, float] = (0.9, 0.999),
+  eps: float = 1e-8,
+  grad_norm_clip: float | None = None,
+  lr_scheduler: str = "constant",
+  warmup_steps: int = 0,
+  total_steps: int | None = None,
+  loraplus_lr_ratio: float | None = None,
+  loraplus_lr_embedding: float = 1e-6,
+  loraplus_weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
   """The optimizer for an adapter (or full params when ``peft_config`` is None).
 
@@ -119,8 +122,12 @@ def make_optimizer(
     raise ValueError(f"optimizer_type={optimizer_type!r} needs a LoRA adapter")
   b1, b2 = betas
   clip = [optax.clip_by_global_norm(grad_norm_clip)] if grad_norm_clip else []
-  sched = lambda base: schedule(base, lr_scheduler=lr_scheduler, warmup_steps=warmup_steps,  # noqa: E731
-                                total_steps=total_steps)
+  sched = lambda base: schedule(
+    base,
+    lr_scheduler=lr_scheduler,
+    warmup_steps=warmup_steps,  # noqa: E731
+    total_steps=total_steps,
+  )
   labels = _labels(adapter, peft_config, kind) if peft_config is not None else None
 
   if kind == "adamw":
@@ -131,26 +138,33 @@ def make_optimizer(
 
   if kind == "lora-fa":
     # PEFT freezes A (no gradient at all), so clipping sees only the other tensors: zero A first.
-    zero_a = optax.multi_transform(
-        {"frozen": optax.set_to_zero(), "default": optax.identity()}, labels)
+    zero_a = optax.multi_transform({"frozen": optax.set_to_zero(), "default": optax.identity()}, labels)
     adam = optax.multi_transform(
-        {"default": optax.adamw(sched(lr), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
-         "frozen": optax.set_to_zero()}, labels)
+      {
+        "default": optax.adamw(sched(lr), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        "frozen": optax.set_to_zero(),
+      },
+      labels,
+    )
     return optax.chain(zero_a, *clip, lorafa_projection(peft_config), adam)
 
   ratio = loraplus_lr_ratio if loraplus_lr_ratio is not None else 16.0
   groups = {
-      "default": optax.adamw(sched(lr), b1=b1, b2=b2, eps=eps, weight_decay=loraplus_weight_decay),
-      "b": optax.adamw(sched(lr * ratio), b1=b1, b2=b2, eps=eps, weight_decay=loraplus_weight_decay),
-      "embedding": optax.adamw(sched(loraplus_lr_embedding), b1=b1, b2=b2, eps=eps,
-                               weight_decay=loraplus_weight_decay),
-      "frozen": optax.set_to_zero(),
+    "default": optax.adamw(sched(lr), b1=b1, b2=b2, eps=eps, weight_decay=loraplus_weight_decay),
+    "b": optax.adamw(sched(lr * ratio), b1=b1, b2=b2, eps=eps, weight_decay=loraplus_weight_decay),
+    "embedding": optax.adamw(sched(loraplus_lr_embedding), b1=b1, b2=b2, eps=eps, weight_decay=loraplus_weight_decay),
+    "frozen": optax.set_to_zero(),
   }
   return optax.chain(*clip, optax.multi_transform(groups, labels))
 
 
 def lr_at(opt_kwargs: dict[str, Any], step: int) -> float:
   """The base learning rate at ``step`` (for logging)."""
-  return float(schedule(opt_kwargs["lr"], lr_scheduler=opt_kwargs.get("lr_scheduler", "constant"),
-                        warmup_steps=opt_kwargs.get("warmup_steps", 0),
-                        total_steps=opt_kwargs.get("total_steps"))(step))
+  return float(
+    schedule(
+      opt_kwargs["lr"],
+      lr_scheduler=opt_kwargs.get("lr_scheduler", "constant"),
+      warmup_steps=opt_kwargs.get("warmup_steps", 0),
+      total_steps=opt_kwargs.get("total_steps"),
+    )(step)
+  )

@@ -44,9 +44,10 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices=None) -> Mesh:
   if data < 1:
     raise ValueError(f"data must be >= 1, got {data}")
   if data * fsdp > len(devices):
-    raise ValueError(f"a mesh of data={data} x fsdp={fsdp} needs {data * fsdp} devices, "
-                     f"only {len(devices)} are available")
-  return Mesh(np.asarray(devices[:data * fsdp], dtype=object).reshape(data, fsdp), AXES)
+    raise ValueError(
+      f"a mesh of data={data} x fsdp={fsdp} needs {data * fsdp} devices, only {len(devices)} are available"
+    )
+  return Mesh(np.asarray(devices[: data * fsdp], dtype=object).reshape(data, fsdp), AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -123,13 +124,13 @@ def _follow(tensor: str, shape: tuple[int, ...], base_shape: tuple[int, ...] | N
   """For each dim of an adapter tensor, the base dim (0 = out, 1 = in) whose sharding it takes, or None."""
   ndim = len(shape)
   if ndim == 2:
-    if "embedding_A" in tensor:       # (r, V) of an embedding table (V, H)
+    if "embedding_A" in tensor:  # (r, V) of an embedding table (V, H)
       return [None, 0]
-    if "embedding_B" in tensor:       # (H, r)
+    if "embedding_B" in tensor:  # (H, r)
       return [1, None]
-    if "_A" in tensor:                # lora_A (r, in)
+    if "_A" in tensor:  # lora_A (r, in)
       return [None, 1]
-    if "_B" in tensor:                # lora_B (out, r)
+    if "_B" in tensor:  # lora_B (out, r)
       return [0, None]
   if base_shape is not None and shape == base_shape:
     return list(range(ndim))  # a full copy (modules_to_save) or a same-shaped delta
@@ -142,8 +143,9 @@ def _follow(tensor: str, shape: tuple[int, ...], base_shape: tuple[int, ...] | N
   return [None] * ndim
 
 
-def adapter_shardings(adapter: Mapping[str, Mapping[str, Any]], params_shardings: Mapping[str, Any],
-                      mesh: Mesh) -> dict[str, dict[str, NamedSharding]]:
+def adapter_shardings(
+  adapter: Mapping[str, Mapping[str, Any]], params_shardings: Mapping[str, Any], mesh: Mesh
+) -> dict[str, dict[str, NamedSharding]]:
   """``{module: {tensor: NamedSharding}}`` derived from the sharding of each tensor's base weight.
 
   Args:
@@ -205,8 +207,7 @@ def tree_shardings_like(tree, reference, reference_shardings, mesh: Mesh):
   ``tree`` may hold arrays or ``jax.ShapeDtypeStruct``s (``jax.eval_shape(optimizer.init, params)``).
   """
   ref_leaves = jax.tree_util.tree_flatten_with_path(reference)[0]
-  ref_shardings = jax.tree_util.tree_leaves(reference_shardings,
-                                            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  ref_shardings = jax.tree_util.tree_leaves(reference_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   by_path = {tuple(path): (tuple(np.shape(leaf)), s) for (path, leaf), s in zip(ref_leaves, ref_shardings)}
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
@@ -214,7 +215,7 @@ def tree_shardings_like(tree, reference, reference_shardings, mesh: Mesh):
     path = tuple(path)
     for n in lengths:
       if n <= len(path):
-        hit = by_path.get(path[len(path) - n:])
+        hit = by_path.get(path[len(path) - n :])
         if hit is not None and hit[0] == tuple(np.shape(leaf)):
           return hit[1]
     return replicated(mesh)

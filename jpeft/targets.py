@@ -27,19 +27,19 @@ from typing import Optional, Union
 from absl import logging
 
 __all__ = [
-    "AllTargetsExcludedError",
-    "INCLUDE_LINEAR_LAYERS_SHORTHAND",
-    "NoMatchingTargetsError",
-    "TargetResolution",
-    "UnsupportedTargetError",
-    "default_feedforward_modules",
-    "default_target_modules",
-    "is_excluded",
-    "layer_index",
-    "matches_target",
-    "resolve_modules_to_save",
-    "resolve_targets",
-    "summarize_modules",
+  "AllTargetsExcludedError",
+  "INCLUDE_LINEAR_LAYERS_SHORTHAND",
+  "NoMatchingTargetsError",
+  "TargetResolution",
+  "UnsupportedTargetError",
+  "default_feedforward_modules",
+  "default_target_modules",
+  "is_excluded",
+  "layer_index",
+  "matches_target",
+  "resolve_modules_to_save",
+  "resolve_targets",
+  "summarize_modules",
 ]
 
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
@@ -49,15 +49,15 @@ _SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
 class NoMatchingTargetsError(ValueError):
-    """The config's target_modules matched no module of the model."""
+  """The config's target_modules matched no module of the model."""
 
 
 class AllTargetsExcludedError(NoMatchingTargetsError):
-    """Every module matched by target_modules was excluded (by exclude_modules or modules_to_save)."""
+  """Every module matched by target_modules was excluded (by exclude_modules or modules_to_save)."""
 
 
 class UnsupportedTargetError(ValueError):
-    """A module was matched whose kind the method cannot adapt (e.g. a norm for LoRA)."""
+  """A module was matched whose kind the method cannot adapt (e.g. a norm for LoRA)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ _MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3
 
 
 def _same_for(value: tuple[str, ...], model_types: tuple[str, ...] = _MODEL_TYPES) -> dict[str, tuple[str, ...]]:
-    return {m: value for m in model_types}
+  return {m: value for m in model_types}
 
 
 # Methods whose table is a copy of LoRA's.
@@ -109,23 +109,23 @@ _DEFAULT_IA3_FEEDFORWARD_MODULES: dict[str, tuple[str, ...]] = _same_for(("down_
 
 
 def default_target_modules(
-    peft_type: str, model_type: Optional[str], module_kinds: Optional[Mapping[str, str]] = None
+  peft_type: str, model_type: Optional[str], module_kinds: Optional[Mapping[str, str]] = None
 ) -> Optional[Union[tuple[str, ...], str]]:
-    """PEFT's default ``target_modules`` for a method and architecture, or None when PEFT has none.
+  """PEFT's default ``target_modules`` for a method and architecture, or None when PEFT has none.
 
-    ``TRAINABLE_TOKENS`` defaults to the input embedding (found in ``module_kinds``: the first embedding module),
-    as a str, which PEFT then matches with ``re.fullmatch``.
-    """
-    if peft_type == "TRAINABLE_TOKENS":
-        if module_kinds is None:
-            return None
-        return next((name for name, kind in module_kinds.items() if kind == "embedding"), None)
-    return _DEFAULT_TARGET_MODULES.get(peft_type, {}).get(model_type or "")
+  ``TRAINABLE_TOKENS`` defaults to the input embedding (found in ``module_kinds``: the first embedding module),
+  as a str, which PEFT then matches with ``re.fullmatch``.
+  """
+  if peft_type == "TRAINABLE_TOKENS":
+    if module_kinds is None:
+      return None
+    return next((name for name, kind in module_kinds.items() if kind == "embedding"), None)
+  return _DEFAULT_TARGET_MODULES.get(peft_type, {}).get(model_type or "")
 
 
 def default_feedforward_modules(model_type: Optional[str]) -> Optional[tuple[str, ...]]:
-    """PEFT's default IA³ ``feedforward_modules`` for an architecture, or None."""
-    return _DEFAULT_IA3_FEEDFORWARD_MODULES.get(model_type or "")
+  """PEFT's default IA³ ``feedforward_modules`` for an architecture, or None."""
+  return _DEFAULT_IA3_FEEDFORWARD_MODULES.get(model_type or "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,61 +134,61 @@ def default_feedforward_modules(model_type: Optional[str]) -> Optional[tuple[str
 
 
 def is_excluded(exclude_modules: Optional[Union[str, Collection[str]]], key: str) -> bool:
-    """PEFT's ``exclude_modules`` rule."""
-    if not exclude_modules:
-        return False
-    if isinstance(exclude_modules, str):
-        return re.fullmatch(exclude_modules, key) is not None
-    return key in exclude_modules or any(key.endswith(f".{e}") for e in exclude_modules)
+  """PEFT's ``exclude_modules`` rule."""
+  if not exclude_modules:
+    return False
+  if isinstance(exclude_modules, str):
+    return re.fullmatch(exclude_modules, key) is not None
+  return key in exclude_modules or any(key.endswith(f".{e}") for e in exclude_modules)
 
 
 def _in_modules_to_save(modules_to_save: Optional[Collection[str]], key: str) -> bool:
-    if not modules_to_save:
-        return False
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
+  if not modules_to_save:
+    return False
+  return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
 
 
 def layer_index(key: str, layers_pattern: Optional[Union[str, Collection[str]]] = None) -> Optional[int]:
-    """The layer index PEFT reads from a module name for ``layers_to_transform``, or None if there is none."""
-    match = None
-    if layers_pattern is None or len(layers_pattern) == 0:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-            if match is not None:
-                break
-    if match is None:
-        return None
-    idx = match.groupdict().get("idx")
-    return None if idx is None else int(idx)
+  """The layer index PEFT reads from a module name for ``layers_to_transform``, or None if there is none."""
+  match = None
+  if layers_pattern is None or len(layers_pattern) == 0:
+    match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+  else:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+    for pattern in patterns:
+      match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+      if match is not None:
+        break
+  if match is None:
+    return None
+  idx = match.groupdict().get("idx")
+  return None if idx is None else int(idx)
 
 
 def matches_target(
-    target_modules: Union[str, Collection[str]],
-    key: str,
-    layers_to_transform: Optional[Union[int, Collection[int]]] = None,
-    layers_pattern: Optional[Union[str, Collection[str]]] = None,
+  target_modules: Union[str, Collection[str]],
+  key: str,
+  layers_to_transform: Optional[Union[int, Collection[int]]] = None,
+  layers_pattern: Optional[Union[str, Collection[str]]] = None,
 ) -> bool:
-    """Whether ``key`` is matched by an (already expanded) ``target_modules`` spec, PEFT's rules 3 and 5-6."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, key) is not None
-    if key in target_modules:
-        return True
-    if not any(key.endswith(f".{t}") for t in target_modules):
-        return False
-    using_layer_indexes = layers_to_transform is not None and (
-        isinstance(layers_to_transform, int) or len(layers_to_transform) != 0
-    )
-    if not using_layer_indexes:
-        return True
-    idx = layer_index(key, layers_pattern)
-    if idx is None:
-        return False
-    if isinstance(layers_to_transform, int):
-        return idx == layers_to_transform
-    return idx in layers_to_transform
+  """Whether ``key`` is matched by an (already expanded) ``target_modules`` spec, PEFT's rules 3 and 5-6."""
+  if isinstance(target_modules, str):
+    return re.fullmatch(target_modules, key) is not None
+  if key in target_modules:
+    return True
+  if not any(key.endswith(f".{t}") for t in target_modules):
+    return False
+  using_layer_indexes = layers_to_transform is not None and (
+    isinstance(layers_to_transform, int) or len(layers_to_transform) != 0
+  )
+  if not using_layer_indexes:
+    return True
+  idx = layer_index(key, layers_pattern)
+  if idx is None:
+    return False
+  if isinstance(layers_to_transform, int):
+    return idx == layers_to_transform
+  return idx in layers_to_transform
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,167 +198,167 @@ def matches_target(
 
 @dataclasses.dataclass(frozen=True)
 class TargetResolution:
-    """The outcome of :func:`resolve_targets`.
+  """The outcome of :func:`resolve_targets`.
 
-    Attributes:
-        targets: the adapted modules, in model order.
-        modules_to_save: the modules that get a full trainable copy, in model order.
-        excluded: modules matched by ``target_modules`` but excluded by ``exclude_modules`` or ``modules_to_save``.
-        target_modules: the effective ``target_modules`` after the default table / "all-linear" expansion.
-    """
+  Attributes:
+      targets: the adapted modules, in model order.
+      modules_to_save: the modules that get a full trainable copy, in model order.
+      excluded: modules matched by ``target_modules`` but excluded by ``exclude_modules`` or ``modules_to_save``.
+      target_modules: the effective ``target_modules`` after the default table / "all-linear" expansion.
+  """
 
-    targets: tuple[str, ...]
-    modules_to_save: tuple[str, ...] = ()
-    excluded: tuple[str, ...] = ()
-    target_modules: Union[str, tuple[str, ...], None] = None
+  targets: tuple[str, ...]
+  modules_to_save: tuple[str, ...] = ()
+  excluded: tuple[str, ...] = ()
+  target_modules: Union[str, tuple[str, ...], None] = None
 
 
 def _effective_target_modules(
-    config,
-    module_kinds: Mapping[str, str],
-    model_type: Optional[str],
-    default_targets,
-    output_embedding: Optional[str],
+  config,
+  module_kinds: Mapping[str, str],
+  model_type: Optional[str],
+  default_targets,
+  output_embedding: Optional[str],
 ) -> Union[str, tuple[str, ...]]:
-    spec = config.target_modules
+  spec = config.target_modules
+  if spec is None:
+    spec = default_targets
     if spec is None:
-        spec = default_targets
-        if spec is None:
-            spec = default_target_modules(config.peft_type, model_type, module_kinds)
-        if spec is None:
-            raise ValueError(
-                f"Please specify `target_modules` in the config: jpeft has no default target modules for "
-                f"peft_type {config.peft_type!r} and model_type {model_type!r}."
-            )
-        if not isinstance(spec, str):
-            spec = tuple(spec)
-    if isinstance(spec, str) and spec.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
-        heads = set()
-        if output_embedding is not None:
-            heads.add(output_embedding)
-        elif getattr(config, "task_type", None) == "SEQ_CLS":
-            for name in _SEQ_CLS_HEAD_NAMES:
-                if name in module_kinds:
-                    heads.add(name)
-                    break
-        spec = tuple(name for name, kind in module_kinds.items() if kind == "linear" and name not in heads)
-    return spec
+      spec = default_target_modules(config.peft_type, model_type, module_kinds)
+    if spec is None:
+      raise ValueError(
+        f"Please specify `target_modules` in the config: jpeft has no default target modules for "
+        f"peft_type {config.peft_type!r} and model_type {model_type!r}."
+      )
+    if not isinstance(spec, str):
+      spec = tuple(spec)
+  if isinstance(spec, str) and spec.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+    heads = set()
+    if output_embedding is not None:
+      heads.add(output_embedding)
+    elif getattr(config, "task_type", None) == "SEQ_CLS":
+      for name in _SEQ_CLS_HEAD_NAMES:
+        if name in module_kinds:
+          heads.add(name)
+          break
+    spec = tuple(name for name, kind in module_kinds.items() if kind == "linear" and name not in heads)
+  return spec
 
 
 def resolve_modules_to_save(
-    modules_to_save: Optional[Collection[str]], module_kinds: Mapping[str, str]
+  modules_to_save: Optional[Collection[str]], module_kinds: Mapping[str, str]
 ) -> tuple[str, ...]:
-    """PEFT's ``modules_to_save`` rule (plain ``key.endswith(m)``), skipping modules inside an already selected one."""
-    if not modules_to_save:
-        return ()
-    selected: list[str] = []
-    for key in module_kinds:
-        if any(key.startswith(s + ".") for s in selected):
-            continue
-        if any(key.endswith(m) for m in modules_to_save):
-            selected.append(key)
-    return tuple(selected)
+  """PEFT's ``modules_to_save`` rule (plain ``key.endswith(m)``), skipping modules inside an already selected one."""
+  if not modules_to_save:
+    return ()
+  selected: list[str] = []
+  for key in module_kinds:
+    if any(key.startswith(s + ".") for s in selected):
+      continue
+    if any(key.endswith(m) for m in modules_to_save):
+      selected.append(key)
+  return tuple(selected)
 
 
 def summarize_modules(names: Collection[str], limit: int = 12) -> str:
-    """A compact description of module names: layer indices folded into ``*`` with a count per pattern."""
-    counts: dict[str, int] = {}
-    for name in names:
-        folded = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
-        counts[folded] = counts.get(folded, 0) + 1
-    parts = [f"{p} (x{n})" if n > 1 else p for p, n in counts.items()]
-    if len(parts) > limit:
-        parts = parts[:limit] + [f"... {len(parts) - limit} more"]
-    return ", ".join(parts)
+  """A compact description of module names: layer indices folded into ``*`` with a count per pattern."""
+  counts: dict[str, int] = {}
+  for name in names:
+    folded = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+    counts[folded] = counts.get(folded, 0) + 1
+  parts = [f"{p} (x{n})" if n > 1 else p for p, n in counts.items()]
+  if len(parts) > limit:
+    parts = parts[:limit] + [f"... {len(parts) - limit} more"]
+  return ", ".join(parts)
 
 
 def _show_spec(spec) -> str:
-    return repr(spec) if isinstance(spec, str) or spec is None else repr(list(spec))
+  return repr(spec) if isinstance(spec, str) or spec is None else repr(list(spec))
 
 
 def resolve_targets(
-    config,
-    module_kinds: Mapping[str, str],
-    model_type: Optional[str] = None,
-    *,
-    default_targets: Optional[Union[str, Collection[str]]] = None,
-    supported_kinds: Optional[Collection[str]] = None,
-    output_embedding: Optional[str] = "lm_head",
+  config,
+  module_kinds: Mapping[str, str],
+  model_type: Optional[str] = None,
+  *,
+  default_targets: Optional[Union[str, Collection[str]]] = None,
+  supported_kinds: Optional[Collection[str]] = None,
+  output_embedding: Optional[str] = "lm_head",
 ) -> TargetResolution:
-    """Resolves which modules ``config`` adapts, as PEFT would on the same model.
+  """Resolves which modules ``config`` adapts, as PEFT would on the same model.
 
-    Args:
-        config: a :class:`jpeft.config.PeftConfig` (any method with ``target_modules``).
-        module_kinds: module name -> kind, in model order (see the module docstring).
-        model_type: the Hugging Face ``model_type`` (e.g. ``"llama"``), used when ``target_modules`` is None.
-        default_targets: used instead of the built-in table when ``target_modules`` is None.
-        supported_kinds: when given, a matched module of another kind raises :class:`UnsupportedTargetError`
-            (PEFT raises for module types a method cannot adapt).
-        output_embedding: the output embedding's module name, left out of ``"all-linear"``.
+  Args:
+      config: a :class:`jpeft.config.PeftConfig` (any method with ``target_modules``).
+      module_kinds: module name -> kind, in model order (see the module docstring).
+      model_type: the Hugging Face ``model_type`` (e.g. ``"llama"``), used when ``target_modules`` is None.
+      default_targets: used instead of the built-in table when ``target_modules`` is None.
+      supported_kinds: when given, a matched module of another kind raises :class:`UnsupportedTargetError`
+          (PEFT raises for module types a method cannot adapt).
+      output_embedding: the output embedding's module name, left out of ``"all-linear"``.
 
-    Raises:
-        NoMatchingTargetsError: no module matched (:class:`AllTargetsExcludedError` if all matches were excluded).
-    """
-    spec = _effective_target_modules(config, module_kinds, model_type, default_targets, output_embedding)
-    exclude = getattr(config, "exclude_modules", None)
-    modules_to_save = getattr(config, "modules_to_save", None)
-    layers_to_transform = getattr(config, "layers_to_transform", None)
-    layers_pattern = getattr(config, "layers_pattern", None)
+  Raises:
+      NoMatchingTargetsError: no module matched (:class:`AllTargetsExcludedError` if all matches were excluded).
+  """
+  spec = _effective_target_modules(config, module_kinds, model_type, default_targets, output_embedding)
+  exclude = getattr(config, "exclude_modules", None)
+  modules_to_save = getattr(config, "modules_to_save", None)
+  layers_to_transform = getattr(config, "layers_to_transform", None)
+  layers_pattern = getattr(config, "layers_pattern", None)
 
-    targets: list[str] = []
-    excluded: list[str] = []
-    for key in module_kinds:
-        if not key:
-            continue
-        matched = matches_target(spec, key, layers_to_transform, layers_pattern)
-        if is_excluded(exclude, key) or _in_modules_to_save(modules_to_save, key):
-            if matched:
-                excluded.append(key)
-            continue
-        if matched:
-            targets.append(key)
+  targets: list[str] = []
+  excluded: list[str] = []
+  for key in module_kinds:
+    if not key:
+      continue
+    matched = matches_target(spec, key, layers_to_transform, layers_pattern)
+    if is_excluded(exclude, key) or _in_modules_to_save(modules_to_save, key):
+      if matched:
+        excluded.append(key)
+      continue
+    if matched:
+      targets.append(key)
 
-    if not targets:
-        available = [k for k in module_kinds if k]
-        shown = ", ".join(available[:10]) + (f", ... ({len(available)} modules)" if len(available) > 10 else "")
-        details = ""
-        if layers_to_transform is not None:
-            details += f" layers_to_transform={layers_to_transform!r}."
-        if layers_pattern is not None:
-            details += f" layers_pattern={layers_pattern!r}."
-        if excluded:
-            raise AllTargetsExcludedError(
-                f"All {len(excluded)} modules matched by target_modules={_show_spec(spec)} were excluded "
-                f"(exclude_modules={exclude!r}, modules_to_save={modules_to_save!r}): "
-                f"{summarize_modules(excluded)}.{details}"
-            )
-        raise NoMatchingTargetsError(
-            f"Target modules {_show_spec(spec)} (config target_modules={_show_spec(config.target_modules)}) not "
-            f"found in the model.{details} Available modules include: {shown}"
-        )
-
-    if supported_kinds is not None:
-        bad = [k for k in targets if module_kinds[k] not in supported_kinds]
-        if bad:
-            raise UnsupportedTargetError(
-                f"Target module {bad[0]!r} (kind {module_kinds[bad[0]]!r}) is not supported by "
-                f"{config.peft_type}; supported kinds: {sorted(supported_kinds)}. Matched unsupported modules: "
-                f"{summarize_modules(bad)}"
-            )
-
-    saved = resolve_modules_to_save(modules_to_save, module_kinds)
-    if modules_to_save and not saved:
-        logging.warning(f"modules_to_save={list(modules_to_save)!r} matched no module of the model.")
-    if exclude and not any(is_excluded(exclude, k) for k in module_kinds):
-        logging.warning(f"exclude_modules={exclude!r} was passed but no modules were excluded.")
-
-    logging.info(
-        f"{config.peft_type}: {len(targets)} target modules: {summarize_modules(targets)}"
-        + (f"; modules_to_save: {', '.join(saved)}" if saved else "")
+  if not targets:
+    available = [k for k in module_kinds if k]
+    shown = ", ".join(available[:10]) + (f", ... ({len(available)} modules)" if len(available) > 10 else "")
+    details = ""
+    if layers_to_transform is not None:
+      details += f" layers_to_transform={layers_to_transform!r}."
+    if layers_pattern is not None:
+      details += f" layers_pattern={layers_pattern!r}."
+    if excluded:
+      raise AllTargetsExcludedError(
+        f"All {len(excluded)} modules matched by target_modules={_show_spec(spec)} were excluded "
+        f"(exclude_modules={exclude!r}, modules_to_save={modules_to_save!r}): "
+        f"{summarize_modules(excluded)}.{details}"
+      )
+    raise NoMatchingTargetsError(
+      f"Target modules {_show_spec(spec)} (config target_modules={_show_spec(config.target_modules)}) not "
+      f"found in the model.{details} Available modules include: {shown}"
     )
-    return TargetResolution(
-        targets=tuple(targets),
-        modules_to_save=saved,
-        excluded=tuple(excluded),
-        target_modules=spec,
-    )
+
+  if supported_kinds is not None:
+    bad = [k for k in targets if module_kinds[k] not in supported_kinds]
+    if bad:
+      raise UnsupportedTargetError(
+        f"Target module {bad[0]!r} (kind {module_kinds[bad[0]]!r}) is not supported by "
+        f"{config.peft_type}; supported kinds: {sorted(supported_kinds)}. Matched unsupported modules: "
+        f"{summarize_modules(bad)}"
+      )
+
+  saved = resolve_modules_to_save(modules_to_save, module_kinds)
+  if modules_to_save and not saved:
+    logging.warning(f"modules_to_save={list(modules_to_save)!r} matched no module of the model.")
+  if exclude and not any(is_excluded(exclude, k) for k in module_kinds):
+    logging.warning(f"exclude_modules={exclude!r} was passed but no modules were excluded.")
+
+  logging.info(
+    f"{config.peft_type}: {len(targets)} target modules: {summarize_modules(targets)}"
+    + (f"; modules_to_save: {', '.join(saved)}" if saved else "")
+  )
+  return TargetResolution(
+    targets=tuple(targets),
+    modules_to_save=saved,
+    excluded=tuple(excluded),
+    target_modules=spec,
+  )

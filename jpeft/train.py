@@ -32,11 +32,19 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
     else:
       model_params = core.apply(params, trainable, peft_config, rng=rng)
     if "loss_positions" in batch:
-      logits = forward(model_params, model_config, batch["input_ids"], batch["attention_mask"],
-                       compute_dtype=compute_dtype, remat=remat, logits_at=batch["loss_positions"])
+      logits = forward(
+        model_params,
+        model_config,
+        batch["input_ids"],
+        batch["attention_mask"],
+        compute_dtype=compute_dtype,
+        remat=remat,
+        logits_at=batch["loss_positions"],
+      )
       return cross_entropy(logits, batch["loss_targets"])
-    logits = forward(model_params, model_config, batch["input_ids"], batch["attention_mask"],
-                     compute_dtype=compute_dtype, remat=remat)
+    logits = forward(
+      model_params, model_config, batch["input_ids"], batch["attention_mask"], compute_dtype=compute_dtype, remat=remat
+    )
     return causal_lm_loss(logits, batch["labels"])
 
   return loss_fn
@@ -54,8 +62,15 @@ def make_grad_fn(model_config, peft_config=None, *, compute_dtype=None):
   return grad_fn
 
 
-def make_train_step(model_config, peft_config, optimizer: optax.GradientTransformation, *,
-                    compute_dtype=None, donate: bool = True, remat: bool = False):
+def make_train_step(
+  model_config,
+  peft_config,
+  optimizer: optax.GradientTransformation,
+  *,
+  compute_dtype=None,
+  donate: bool = True,
+  remat: bool = False,
+):
   """Jitted ``(trainable, opt_state, params, batch, rng) -> (trainable, opt_state, metrics)``.
 
   ``metrics`` holds the loss (before the update), the number of loss tokens and the gradient norm.

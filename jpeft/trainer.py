@@ -44,17 +44,45 @@ from jpeft.generate import generate
 from jpeft.models.llama import LlamaConfig, loss_positions
 
 # Keys of PEFT's training params that describe the model or torch-only switches: accepted, not used here.
-_IGNORED_KEYS = ("model_id", "dtype", "compile", "use_gc", "use_amp", "autocast_adapter_dtype",
-                 "attn_implementation", "init_kv_cache_prefix")
+_IGNORED_KEYS = (
+  "model_id",
+  "dtype",
+  "compile",
+  "use_gc",
+  "use_amp",
+  "autocast_adapter_dtype",
+  "attn_implementation",
+  "init_kv_cache_prefix",
+)
 # optimizer_kwargs that PEFT passes to its LoRA-FA factory; jpeft reads rank and alpha from the adapter config.
 _IGNORED_OPTIMIZER_KWARGS = ("r", "lora_alpha")
-_OPTIMIZER_KWARGS = ("lr", "weight_decay", "betas", "eps", "loraplus_lr_ratio", "loraplus_lr_embedding",
-                     "loraplus_weight_decay")
+_OPTIMIZER_KWARGS = (
+  "lr",
+  "weight_decay",
+  "betas",
+  "eps",
+  "loraplus_lr_ratio",
+  "loraplus_lr_embedding",
+  "loraplus_weight_decay",
+)
 TORCH_ADAMW_WEIGHT_DECAY = 0.01
 # Fields that change the data order or the optimisation: a checkpoint written under other values is refused.
-_RESUME_FIELDS = ("batch_size", "max_steps", "max_seq_length", "seed", "grad_norm_clip", "optimizer_type",
-                  "optimizer_kwargs", "lr_scheduler", "warmup_steps", "query_template", "pad_multiple",
-                  "pad_powers_of_two", "bucket_factor", "mask_prompt")
+_RESUME_FIELDS = (
+  "batch_size",
+  "max_steps",
+  "max_seq_length",
+  "seed",
+  "grad_norm_clip",
+  "optimizer_type",
+  "optimizer_kwargs",
+  "lr_scheduler",
+  "warmup_steps",
+  "query_template",
+  "pad_multiple",
+  "pad_powers_of_two",
+  "bucket_factor",
+  "mask_prompt",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,10 +93,14 @@ class NonFiniteLossError(FloatingPointError):
     self.value = value
     self.last_checkpoint_step = last_checkpoint_step
     self.losses = list(losses)
-    where = (f"the last good checkpoint is step {last_checkpoint_step}" if last_checkpoint_step is not None
-             else "no checkpoint was saved")
-    super().__init__(f"non-finite {what} ({value}) at step {step}; training stopped and this state was not "
-                     f"saved; {where}")
+    where = (
+      f"the last good checkpoint is step {last_checkpoint_step}"
+      if last_checkpoint_step is not None
+      else "no checkpoint was saved"
+    )
+    super().__init__(
+      f"non-finite {what} ({value}) at step {step}; training stopped and this state was not saved; {where}"
+    )
 
 
 @dataclasses.dataclass
@@ -160,8 +192,9 @@ class TrainConfig:
       else:
         unknown.append(key)
     if unknown:
-      raise ValueError(f"unknown training params {sorted(unknown)}; known: {sorted(fields)} "
-                       f"(ignored: {list(_IGNORED_KEYS)})")
+      raise ValueError(
+        f"unknown training params {sorted(unknown)}; known: {sorted(fields)} (ignored: {list(_IGNORED_KEYS)})"
+      )
     kwargs.update(overrides)
     return cls(**kwargs)
 
@@ -200,9 +233,16 @@ def _records(data) -> list[tuple[str, str]]:
   raise ValueError(f"dataset needs query/response (or question/answer) columns, found {sorted(columns)}")
 
 
-def batch_schedule(lengths: Sequence[int], batch_size: int, num_steps: int, *, seed: int,
-                   bucket_factor: int = data_lib.PEFT_BUCKET_FACTOR, pad_to_multiple: int | None = None,
-                   start_step: int = 0) -> list[list[int]]:
+def batch_schedule(
+  lengths: Sequence[int],
+  batch_size: int,
+  num_steps: int,
+  *,
+  seed: int,
+  bucket_factor: int = data_lib.PEFT_BUCKET_FACTOR,
+  pad_to_multiple: int | None = None,
+  start_step: int = 0,
+) -> list[list[int]]:
   """Example indices of every step's batch: epoch ``e`` is ``bucket_batches`` with seed ``seed + e``.
 
   A function of its arguments only, so a resumed run recomputes exactly the same order.
@@ -212,8 +252,9 @@ def batch_schedule(lengths: Sequence[int], batch_size: int, num_steps: int, *, s
   out: list[list[int]] = []
   epoch = 0
   while len(out) < num_steps:
-    for batch in data_lib.bucket_batches(lengths, batch_size, seed=seed + epoch, bucket_factor=bucket_factor,
-                                         pad_to_multiple=pad_to_multiple):
+    for batch in data_lib.bucket_batches(
+      lengths, batch_size, seed=seed + epoch, bucket_factor=bucket_factor, pad_to_multiple=pad_to_multiple
+    ):
       out.append(batch)
       if len(out) == num_steps:
         break
@@ -249,14 +290,19 @@ def optimizer_kwargs(c: TrainConfig) -> dict:
       given.pop(key, None)
   if "betas" in given:
     given["betas"] = tuple(given["betas"])
-  return dict(given, optimizer_type=c.optimizer_type, grad_norm_clip=c.grad_norm_clip or None,
-              lr_scheduler=c.lr_scheduler, warmup_steps=c.warmup_steps, total_steps=max(c.max_steps, 1))
+  return dict(
+    given,
+    optimizer_type=c.optimizer_type,
+    grad_norm_clip=c.grad_norm_clip or None,
+    lr_scheduler=c.lr_scheduler,
+    warmup_steps=c.warmup_steps,
+    total_steps=max(c.max_steps, 1),
+  )
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -275,9 +321,21 @@ class Trainer:
     on_step: ``on_step(step, loss, metrics)`` after every step (0-based ``step``), before any eval/save.
   """
 
-  def __init__(self, model_config: LlamaConfig, params, peft_config, tokenizer, train_data, valid_data=None,
-               test_data=None, config: TrainConfig | None = None, *, mesh=None, adapter=None,
-               on_step: Callable[[int, float, dict], None] | None = None):
+  def __init__(
+    self,
+    model_config: LlamaConfig,
+    params,
+    peft_config,
+    tokenizer,
+    train_data,
+    valid_data=None,
+    test_data=None,
+    config: TrainConfig | None = None,
+    *,
+    mesh=None,
+    adapter=None,
+    on_step: Callable[[int, float, dict], None] | None = None,
+  ):
     self.model_config = model_config
     self.peft_config = peft_config
     self.tokenizer = tokenizer
@@ -287,8 +345,9 @@ class Trainer:
     if c.max_steps < 0:
       raise ValueError(f"max_steps must be >= 0, got {c.max_steps}")
     if mesh is not None and c.batch_size % int(mesh.shape[sharding_lib.DATA]):
-      raise ValueError(f"batch_size {c.batch_size} is not divisible by the mesh's data size "
-                       f"{mesh.shape[sharding_lib.DATA]}")
+      raise ValueError(
+        f"batch_size {c.batch_size} is not divisible by the mesh's data size {mesh.shape[sharding_lib.DATA]}"
+      )
     if tokenizer.eos_token_id is None:
       raise ValueError("the tokenizer has no eos_token_id")
     self.eos_token_id = int(tokenizer.eos_token_id)
@@ -306,8 +365,9 @@ class Trainer:
     self.num_trainable_params = self._count_trainable(trainable)
 
     self.optimizer = optim.make_optimizer(trainable, peft_config, **optimizer_kwargs(c))
-    step_fn = train_lib.make_train_step(model_config, peft_config, self.optimizer,
-                                        compute_dtype=c.compute_dtype, donate=mesh is None)
+    step_fn = train_lib.make_train_step(
+      model_config, peft_config, self.optimizer, compute_dtype=c.compute_dtype, donate=mesh is None
+    )
     if mesh is None:
       # everything committed to one device, as restored checkpoints are: fresh and resumed runs then
       # lower to the same programs
@@ -324,28 +384,38 @@ class Trainer:
         self.trainable_shardings = sharding_lib.adapter_shardings(trainable, self.params, mesh)
       self.trainable = jax.device_put(trainable, self.trainable_shardings)
       abstract_opt = jax.eval_shape(self.optimizer.init, self.trainable)
-      self.opt_shardings = sharding_lib.tree_shardings_like(abstract_opt, self.trainable,
-                                                            self.trainable_shardings, mesh)
+      self.opt_shardings = sharding_lib.tree_shardings_like(
+        abstract_opt, self.trainable, self.trainable_shardings, mesh
+      )
       self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.trainable)
       params_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
       repl = sharding_lib.replicated(mesh)
       self.train_step = jax.jit(
-          step_fn,
-          in_shardings=(self.trainable_shardings, self.opt_shardings, params_shardings,
-                        sharding_lib.batch_sharding(mesh), repl),
-          out_shardings=(self.trainable_shardings, self.opt_shardings, repl),
-          donate_argnums=(0, 1))
+        step_fn,
+        in_shardings=(
+          self.trainable_shardings,
+          self.opt_shardings,
+          params_shardings,
+          sharding_lib.batch_sharding(mesh),
+          repl,
+        ),
+        out_shardings=(self.trainable_shardings, self.opt_shardings, repl),
+        donate_argnums=(0, 1),
+      )
     self.rng = self._place_rng(jax.random.key(c.seed + 1))
 
     # data
     self.train_examples = [
-        data_lib.tokenize_example(tokenizer, q, r, c.query_template, max_length=c.max_seq_length,
-                                  mask_prompt=c.mask_prompt)
-        for q, r in _records(train_data)]
-    self.valid_records = _records(valid_data)[:c.max_eval_examples]
-    self.test_records = _records(test_data)[:c.max_test_examples]
+      data_lib.tokenize_example(
+        tokenizer, q, r, c.query_template, max_length=c.max_seq_length, mask_prompt=c.mask_prompt
+      )
+      for q, r in _records(train_data)
+    ]
+    self.valid_records = _records(valid_data)[: c.max_eval_examples]
+    self.test_records = _records(test_data)[: c.max_test_examples]
     self.padded_length_choices = data_lib.padded_length_choices(
-        c.max_seq_length, multiple=c.pad_multiple, powers_of_two=c.pad_powers_of_two)
+      c.max_seq_length, multiple=c.pad_multiple, powers_of_two=c.pad_powers_of_two
+    )
 
   # -- setup helpers -----------------------------------------------------------------------------------------
   def _place_rng(self, key):
@@ -361,22 +431,31 @@ class Trainer:
 
   def lr_at(self, step: int) -> float:
     c = self.config
-    return optim.lr_at({"lr": c.optimizer_kwargs["lr"], "lr_scheduler": c.lr_scheduler,
-                        "warmup_steps": c.warmup_steps, "total_steps": max(c.max_steps, 1)}, step)
+    return optim.lr_at(
+      {
+        "lr": c.optimizer_kwargs["lr"],
+        "lr_scheduler": c.lr_scheduler,
+        "warmup_steps": c.warmup_steps,
+        "total_steps": max(c.max_steps, 1),
+      },
+      step,
+    )
 
   # -- batches -----------------------------------------------------------------------------------------------
   def padded_length(self, indices: Sequence[int]) -> int:
     c = self.config
     longest = max(len(self.train_examples[i]["input_ids"]) for i in indices)
-    return data_lib.choose_padded_length(longest, multiple=c.pad_multiple, max_length=c.max_seq_length,
-                                         powers_of_two=c.pad_powers_of_two)
+    return data_lib.choose_padded_length(
+      longest, multiple=c.pad_multiple, max_length=c.max_seq_length, powers_of_two=c.pad_powers_of_two
+    )
 
   def make_batch(self, indices: Sequence[int]) -> tuple[dict, int, int]:
     """The device batch for these examples, its padded length and its number of non-pad tokens."""
     c = self.config
     length = self.padded_length(indices)
-    batch = data_lib.collate([self.train_examples[i] for i in indices], pad_token_id=self.pad_token_id,
-                             length=length, batch_size=c.batch_size)
+    batch = data_lib.collate(
+      [self.train_examples[i] for i in indices], pad_token_id=self.pad_token_id, length=length, batch_size=c.batch_size
+    )
     tokens = int(batch["attention_mask"].sum())
     if c.head_on_loss_tokens:
       gathered = loss_positions(batch["labels"], width=max(length // 2, 1))
@@ -389,9 +468,15 @@ class Trainer:
   def schedule(self, start_step: int = 0) -> list[list[int]]:
     c = self.config
     lengths = [len(ex["input_ids"]) for ex in self.train_examples]
-    return batch_schedule(lengths, c.batch_size, c.max_steps, seed=c.seed, bucket_factor=c.bucket_factor,
-                          pad_to_multiple=None if c.pad_powers_of_two else c.pad_multiple,
-                          start_step=start_step)
+    return batch_schedule(
+      lengths,
+      c.batch_size,
+      c.max_steps,
+      seed=c.seed,
+      bucket_factor=c.bucket_factor,
+      pad_to_multiple=None if c.pad_powers_of_two else c.pad_multiple,
+      start_step=start_step,
+    )
 
   # -- evaluation --------------------------------------------------------------------------------------------
   def model_params(self, trainable=None):
@@ -407,27 +492,36 @@ class Trainer:
     if not queries:
       return []
     model_params = self.model_params(trainable)
-    prompts = [data_lib.tokenize_prompt(self.tokenizer, q, c.query_template, max_length=c.max_seq_length)
-               for q in queries]
+    prompts = [
+      data_lib.tokenize_prompt(self.tokenizer, q, c.query_template, max_length=c.max_seq_length) for q in queries
+    ]
     rows = max(1, min(c.batch_size_eval, len(prompts)))
     texts: list[str] = []
     for start in range(0, len(prompts), rows):
-      chunk = prompts[start:start + rows]
+      chunk = prompts[start : start + rows]
       filled = chunk + [chunk[0]] * (rows - len(chunk))  # filler rows must hold a real last token
-      length = data_lib.choose_padded_length(max(len(p) for p in filled), multiple=c.pad_multiple,
-                                             powers_of_two=c.pad_powers_of_two)
+      length = data_lib.choose_padded_length(
+        max(len(p) for p in filled), multiple=c.pad_multiple, powers_of_two=c.pad_powers_of_two
+      )
       ids = np.full((rows, length), self.pad_token_id, np.int32)
       mask = np.zeros((rows, length), np.int32)
       for i, p in enumerate(filled):
-        ids[i, length - len(p):] = p
-        mask[i, length - len(p):] = 1
-      new = generate(model_params, self.model_config, ids, mask, max_new_tokens=c.max_new_tokens,
-                     eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                     compute_dtype=c.compute_dtype)
-      for row in new[:len(chunk)]:
+        ids[i, length - len(p) :] = p
+        mask[i, length - len(p) :] = 1
+      new = generate(
+        model_params,
+        self.model_config,
+        ids,
+        mask,
+        max_new_tokens=c.max_new_tokens,
+        eos_token_id=self.eos_token_id,
+        pad_token_id=self.pad_token_id,
+        compute_dtype=c.compute_dtype,
+      )
+      for row in new[: len(chunk)]:
         row = [int(t) for t in row]
         if self.eos_token_id in row:
-          row = row[:row.index(self.eos_token_id)]
+          row = row[: row.index(self.eos_token_id)]
         texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
     return texts
 
@@ -441,10 +535,14 @@ class Trainer:
   # -- checkpoints -------------------------------------------------------------------------------------------
   def _manager(self):
     import orbax.checkpoint as ocp
+
     c = self.config
-    options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=c.async_checkpointing,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=c.keep_checkpoints,
+      create=True,
+      enable_async_checkpointing=c.async_checkpointing,
+      cleanup_tmp_directories=True,
+    )
     return ocp.CheckpointManager(os.path.abspath(c.checkpoint_dir), options=options)
 
   def _arrays(self) -> dict:
@@ -452,29 +550,36 @@ class Trainer:
 
   def _save(self, manager, step: int, log: dict) -> None:
     import orbax.checkpoint as ocp
+
     finite = bool(_all_finite(self.trainable))
     if not finite:
       manager.wait_until_finished()
-      raise NonFiniteLossError(step, float("nan"), manager.latest_step(), log["losses"],
-                               what="trainable parameters")
+      raise NonFiniteLossError(step, float("nan"), manager.latest_step(), log["losses"], what="trainable parameters")
     meta = dict(log, step=step, fingerprint=self.config.resume_fingerprint())
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self._arrays()),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
+    manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(self._arrays()), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
 
   def _restore(self, manager) -> dict | None:
     import orbax.checkpoint as ocp
+
     step = manager.latest_step()
     if step is None:
       return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, self._arrays())
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             meta=ocp.args.JsonRestore()))
+    restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
     meta = restored["meta"]
     saved, now = meta.get("fingerprint", {}), self.config.resume_fingerprint()
     diff = sorted(k for k in now if k in saved and _jsonable(saved[k]) != now[k])
     if diff:
-      raise ValueError(f"checkpoint {self.config.checkpoint_dir!r} step {step} was written with other training "
-                       f"params: {[(k, saved[k], now[k]) for k in diff]}; use another checkpoint_dir")
+      raise ValueError(
+        f"checkpoint {self.config.checkpoint_dir!r} step {step} was written with other training "
+        f"params: {[(k, saved[k], now[k]) for k in diff]}; use another checkpoint_dir"
+      )
     state = restored["state"]
     self.trainable, self.opt_state = state["trainable"], state["opt_state"]
     self.rng = self._place_rng(jax.random.wrap_key_data(state["rng"]))
@@ -485,8 +590,17 @@ class Trainer:
   def run(self) -> dict:
     c = self.config
     wall0 = time.perf_counter()
-    log = {"losses": [], "eval_metrics": [], "train_time_s": 0.0, "compile_time_s": 0.0, "eval_time_s": 0.0,
-           "checkpoint_time_s": 0.0, "timed_tokens": 0, "total_tokens": 0, "elapsed_s": 0.0}
+    log = {
+      "losses": [],
+      "eval_metrics": [],
+      "train_time_s": 0.0,
+      "compile_time_s": 0.0,
+      "eval_time_s": 0.0,
+      "checkpoint_time_s": 0.0,
+      "timed_tokens": 0,
+      "total_tokens": 0,
+      "elapsed_s": 0.0,
+    }
     manager = self._manager() if c.checkpoint_dir else None
     every = c.checkpoint_every if c.checkpoint_every else (c.eval_steps or 0)
     resumed_from = None
@@ -507,8 +621,9 @@ class Trainer:
         batch, length, tokens = next_batch
         self.rng, sub = jax.random.split(self.rng)
         t0 = time.perf_counter()
-        self.trainable, self.opt_state, metrics = self.train_step(self.trainable, self.opt_state, self.params,
-                                                                  batch, sub)
+        self.trainable, self.opt_state, metrics = self.train_step(
+          self.trainable, self.opt_state, self.params, batch, sub
+        )
         next_batch = self.make_batch(schedule[i + 1]) if i + 1 < len(schedule) else None
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         dt = time.perf_counter() - t0
@@ -519,8 +634,13 @@ class Trainer:
         else:
           compiled.add(shape)
           log["compile_time_s"] += dt
-          logging.info("step %d: compiled the train step for padded length %d%s in %.2fs", step, length,
-                       " (head on loss tokens)" if shape[1] else "", dt)
+          logging.info(
+            "step %d: compiled the train step for padded length %d%s in %.2fs",
+            step,
+            length,
+            " (head on loss tokens)" if shape[1] else "",
+            dt,
+          )
         log["total_tokens"] += tokens
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
           bad, what = (loss, "loss") if not math.isfinite(loss) else (grad_norm, "gradient norm")
@@ -537,8 +657,15 @@ class Trainer:
           bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_at(step):.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
           bar.update(1)
         if c.log_every and (step + 1) % c.log_every == 0:
-          logging.info("step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f", step + 1, c.max_steps, loss,
-                       self.lr_at(step), grad_norm, tok_s)
+          logging.info(
+            "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
+            step + 1,
+            c.max_steps,
+            loss,
+            self.lr_at(step),
+            grad_norm,
+            tok_s,
+          )
         done = step + 1
         if c.eval_steps and done % c.eval_steps == 0 and self.valid_records:
           t = time.perf_counter()
@@ -546,10 +673,16 @@ class Trainer:
           eval_time = time.perf_counter() - t
           log["eval_time_s"] += eval_time
           prev = log["eval_metrics"][-1]["step"] if log["eval_metrics"] else 0
-          entry = {"step": done, "valid_accuracy": acc, "train_loss": float(np.mean(log["losses"][prev:done])),
-                   "train_samples": done * c.batch_size, "train_time_s": log["train_time_s"],
-                   "eval_time_s": eval_time, "tokens_per_s": _rate(log),
-                   "elapsed_s": elapsed0 + time.perf_counter() - wall0}
+          entry = {
+            "step": done,
+            "valid_accuracy": acc,
+            "train_loss": float(np.mean(log["losses"][prev:done])),
+            "train_samples": done * c.batch_size,
+            "train_time_s": log["train_time_s"],
+            "eval_time_s": eval_time,
+            "tokens_per_s": _rate(log),
+            "elapsed_s": elapsed0 + time.perf_counter() - wall0,
+          }
           log["eval_metrics"].append(entry)
           logging.info("step %d: valid accuracy %.4f, train loss %.4f", done, acc, entry["train_loss"])
         if manager is not None and ((every and done % every == 0) or done == c.max_steps):
@@ -570,23 +703,23 @@ class Trainer:
     log["elapsed_s"] = elapsed0 + time.perf_counter() - wall0
     valid = [m["valid_accuracy"] for m in log["eval_metrics"]]
     return {
-        "losses": list(log["losses"]),
-        "eval_metrics": list(log["eval_metrics"]),
-        "valid_accuracy": valid[-1] if valid else None,
-        "test_accuracy": test_acc,
-        "test_predictions": test_predictions,
-        "train_time_s": log["train_time_s"],
-        "compile_time_s": log["compile_time_s"],
-        "eval_time_s": log["eval_time_s"],
-        "checkpoint_time_s": log["checkpoint_time_s"],
-        "elapsed_s": log["elapsed_s"],
-        "tokens_per_s": _rate(log),
-        "total_tokens": log["total_tokens"],
-        "num_trainable_params": self.num_trainable_params,
-        "padded_lengths": sorted({length for length, _ in compiled}),
-        "resumed_from": resumed_from,
-        "trainable": self.trainable,
-        "opt_state": self.opt_state,
+      "losses": list(log["losses"]),
+      "eval_metrics": list(log["eval_metrics"]),
+      "valid_accuracy": valid[-1] if valid else None,
+      "test_accuracy": test_acc,
+      "test_predictions": test_predictions,
+      "train_time_s": log["train_time_s"],
+      "compile_time_s": log["compile_time_s"],
+      "eval_time_s": log["eval_time_s"],
+      "checkpoint_time_s": log["checkpoint_time_s"],
+      "elapsed_s": log["elapsed_s"],
+      "tokens_per_s": _rate(log),
+      "total_tokens": log["total_tokens"],
+      "num_trainable_params": self.num_trainable_params,
+      "padded_lengths": sorted({length for length, _ in compiled}),
+      "resumed_from": resumed_from,
+      "trainable": self.trainable,
+      "opt_state": self.opt_state,
     }
 
 
@@ -598,11 +731,22 @@ def _progress(total: int, initial: int, enabled: bool):
   if not enabled:
     return None
   from tqdm.auto import tqdm
+
   return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
 
-def train(model_config: LlamaConfig, params, peft_config, tokenizer, train_data, valid_data=None, test_data=None,
-          config: TrainConfig | None = None, **kwargs) -> dict:
+def train(
+  model_config: LlamaConfig,
+  params,
+  peft_config,
+  tokenizer,
+  train_data,
+  valid_data=None,
+  test_data=None,
+  config: TrainConfig | None = None,
+  **kwargs,
+) -> dict:
   """``Trainer(...).run()``: see :class:`Trainer` for the arguments and the module docstring for the loop."""
-  return Trainer(model_config, params, peft_config, tokenizer, train_data, valid_data, test_data, config,
-                 **kwargs).run()
+  return Trainer(
+    model_config, params, peft_config, tokenizer, train_data, valid_data, test_data, config, **kwargs
+  ).run()

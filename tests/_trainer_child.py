@@ -42,8 +42,12 @@ def make_tokenizer() -> TinyTokenizer:
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=VOCAB,
+    special_tokens=["<eos>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   corpus = [format_query(r["question"]) + r["answer"] for r in make_split("train", 40, seed=1)]
   tok.train_from_iterator(corpus, trainer)
   return TinyTokenizer(tok)
@@ -54,9 +58,18 @@ def make_model(seed: int = 0, vocab_size: int = VOCAB):
 
   from jpeft.models.llama import LlamaConfig, init_params
 
-  config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
-                       bos_token_id=None, eos_token_id=0)
+  config = LlamaConfig(
+    vocab_size=vocab_size,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=1024,
+    bos_token_id=None,
+    eos_token_id=0,
+  )
   return config, init_params(jax.random.key(seed), config, std=0.1)
 
 
@@ -72,16 +85,36 @@ def make_data(n_train: int = 12, n_valid: int = 2, n_test: int = 2):
 def lora_config(dropout: float = 0.1):
   from jpeft import config as config_lib
 
-  return config_lib.config_from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": dropout,
-                                      "target_modules": ["q_proj", "v_proj", "down_proj"]})
+  return config_lib.config_from_dict(
+    {
+      "peft_type": "LORA",
+      "r": 4,
+      "lora_alpha": 8,
+      "lora_dropout": dropout,
+      "target_modules": ["q_proj", "v_proj", "down_proj"],
+    }
+  )
 
 
 def train_config(**overrides):
   from jpeft.trainer import TrainConfig
 
-  base = dict(batch_size=2, batch_size_eval=2, max_steps=8, eval_steps=4, max_seq_length=256, seed=0,
-              grad_norm_clip=1.0, optimizer_type="AdamW", optimizer_kwargs={"lr": 1e-2, "weight_decay": 0.1},
-              lr_scheduler="cosine", max_new_tokens=8, pad_multiple=64, progress=False, log_every=0)
+  base = dict(
+    batch_size=2,
+    batch_size_eval=2,
+    max_steps=8,
+    eval_steps=4,
+    max_seq_length=256,
+    seed=0,
+    grad_norm_clip=1.0,
+    optimizer_type="AdamW",
+    optimizer_kwargs={"lr": 1e-2, "weight_decay": 0.1},
+    lr_scheduler="cosine",
+    max_new_tokens=8,
+    pad_multiple=64,
+    progress=False,
+    log_every=0,
+  )
   base.update(overrides)
   return TrainConfig(**base)
 
@@ -94,6 +127,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")
   from jpeft.trainer import Trainer
 
@@ -106,17 +140,18 @@ def main(argv=None) -> int:
     out.write(f"{step} {loss!r}\n")
     out.flush()
 
-  cfg = train_config(max_steps=args.steps, checkpoint_dir=os.path.join(args.out, "ckpt"),
-                     checkpoint_every=args.checkpoint_every)
-  trainer = Trainer(model_config, params, lora_config(), make_tokenizer(), train, valid, test, cfg,
-                    on_step=on_step)
+  cfg = train_config(
+    max_steps=args.steps, checkpoint_dir=os.path.join(args.out, "ckpt"), checkpoint_every=args.checkpoint_every
+  )
+  trainer = Trainer(model_config, params, lora_config(), make_tokenizer(), train, valid, test, cfg, on_step=on_step)
   result = trainer.run()
   if result["resumed_from"] is not None:
     out.write(f"resumed {result['resumed_from']}\n")
   out.close()
   with open(os.path.join(args.out, "result.json"), "w") as f:
-    json.dump({"losses": result["losses"], "resumed_from": result["resumed_from"],
-               "eval_metrics": result["eval_metrics"]}, f)
+    json.dump(
+      {"losses": result["losses"], "resumed_from": result["resumed_from"], "eval_metrics": result["eval_metrics"]}, f
+    )
   return 0
 
 

@@ -9,23 +9,41 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 # name -> adapter_config.json content
 METHODS = {
-    "lora": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV),
-    "lora-all-linear": dict(peft_type="LORA", r=4, lora_alpha=16, target_modules="all-linear"),
-    "rslora": dict(peft_type="LORA", r=8, lora_alpha=8, use_rslora=True, target_modules=ALL),
-    "dora": dict(peft_type="LORA", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
-    "lora-init-false": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights=False, target_modules=QV),
-    "lora-gaussian": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=QV),
-    "lora-pissa": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=QV),
-    "lora-olora": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["o_proj", "up_proj"]),
-    "lora-embedding": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
-    "lora-patterns": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL,
-                          rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"o_proj": 3}),
-    "lora-modules-to-save": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV, modules_to_save=["lm_head"]),
-    "lora-layers": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1]),
+  "lora": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV),
+  "lora-all-linear": dict(peft_type="LORA", r=4, lora_alpha=16, target_modules="all-linear"),
+  "rslora": dict(peft_type="LORA", r=8, lora_alpha=8, use_rslora=True, target_modules=ALL),
+  "dora": dict(peft_type="LORA", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+  "lora-init-false": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights=False, target_modules=QV),
+  "lora-gaussian": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=QV),
+  "lora-pissa": dict(peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=QV),
+  "lora-olora": dict(
+    peft_type="LORA", r=4, lora_alpha=8, init_lora_weights="olora", target_modules=["o_proj", "up_proj"]
+  ),
+  "lora-embedding": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+  "lora-patterns": dict(
+    peft_type="LORA",
+    r=4,
+    lora_alpha=8,
+    target_modules=ALL,
+    rank_pattern={"v_proj": 2, "layers.1.mlp.down_proj": 6},
+    alpha_pattern={"o_proj": 3},
+  ),
+  "lora-modules-to-save": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=QV, modules_to_save=["lm_head"]),
+  "lora-layers": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1]),
 }
 
 # Rows whose adapter is the identity at init, as PEFT's is (init_lora_weights=False is deliberately not).
 IDENTITY_AT_INIT = {name for name, cfg in METHODS.items() if cfg.get("init_lora_weights", True) is not False}
 # Rows whose merge can be undone from the merged weights alone (additive deltas, no full copies).
-UNMERGEABLE = {"lora", "lora-all-linear", "rslora", "lora-init-false", "lora-gaussian", "lora-embedding",
-               "lora-patterns", "lora-layers", "lora-pissa", "lora-olora"}
+UNMERGEABLE = {
+  "lora",
+  "lora-all-linear",
+  "rslora",
+  "lora-init-false",
+  "lora-gaussian",
+  "lora-embedding",
+  "lora-patterns",
+  "lora-layers",
+  "lora-pissa",
+  "lora-olora",
+}

@@ -57,8 +57,10 @@ def test_missing_key(model, saved):
 
 
 def test_unexpected_key(model, saved):
-  _edit(saved, lambda s: s.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight",
-                                       np.zeros((4, 64), np.float32)))
+  _edit(
+    saved,
+    lambda s: s.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", np.zeros((4, 64), np.float32)),
+  )
   with pytest.raises(core.AdapterCheckpointError, match="unexpected.*up_proj.lora_A"):
     checkpoint.load_pretrained(saved, model[1], model[0])
 

@@ -16,8 +16,9 @@ from method_table import IDENTITY_AT_INIT, METHODS, UNMERGEABLE, VOCAB
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def model(request, tmp_path_factory):
-  folder = make_tiny_llama(str(tmp_path_factory.mktemp(request.param)), initializer_range=0.1,
-                           tie_word_embeddings=request.param == "tied")
+  folder = make_tiny_llama(
+    str(tmp_path_factory.mktemp(request.param)), initializer_range=0.1, tie_word_embeddings=request.param == "tied"
+  )
   config, params = load_model(folder)
   return config, params
 
@@ -33,7 +34,8 @@ def _perturb(adapter, seed=0):
   leaves, treedef = jax.tree_util.tree_flatten(adapter)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return jax.tree_util.tree_unflatten(
-      treedef, [x + 0.05 * (jnp.abs(x).mean() + 0.1) * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    treedef, [x + 0.05 * (jnp.abs(x).mean() + 0.1) * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
 
 
 def _logits(config, params, batch):
@@ -61,8 +63,10 @@ def test_merge_equals_apply_and_base_is_kept(model, method):
   applied = _logits(config, core.apply(base, adapter, peft_config), b)
   merged_params = core.merge(base, adapter, peft_config)
   assert all(not hasattr(v, "matmul") for v in merged_params.values())
-  assert merged_params["model.layers.0.self_attn.q_proj.weight"].shape == params[
-      "model.layers.0.self_attn.q_proj.weight"].shape
+  assert (
+    merged_params["model.layers.0.self_attn.q_proj.weight"].shape
+    == params["model.layers.0.self_attn.q_proj.weight"].shape
+  )
   np.testing.assert_allclose(_logits(config, merged_params, b), applied, atol=1e-5)
   assert np.abs(applied - _logits(config, base, b)).max() > 1e-3  # disabled = the base params, unchanged
   if method in UNMERGEABLE:
@@ -134,8 +138,11 @@ def test_merged_folder_loads_in_transformers(model, method, tmp_path):
   b = make_batch(2, 2, 12, VOCAB)
   pos = np.maximum(b["attention_mask"].cumsum(-1) - 1, 0)
   with torch.no_grad():
-    ref = hf(input_ids=torch.tensor(b["input_ids"]).long(), attention_mask=torch.tensor(b["attention_mask"]),
-             position_ids=torch.tensor(pos).long()).logits.numpy()
+    ref = hf(
+      input_ids=torch.tensor(b["input_ids"]).long(),
+      attention_mask=torch.tensor(b["attention_mask"]),
+      position_ids=torch.tensor(pos).long(),
+    ).logits.numpy()
   mask = b["attention_mask"].astype(bool)
   assert np.abs(ref - _logits(config, core.apply(base, adapter, peft_config), b))[mask].max() < 2e-5
 

@@ -15,17 +15,50 @@ ROOT = os.path.dirname(HERE)
 VOCAB = 320
 
 # a budget that keeps every tiny run to a few seconds: one padded length (256), tiny generations
-TINY = dict(max_steps=4, eval_steps=2, batch_size=2, batch_size_eval=2, n_train=12, n_valid=2, n_test=2,
-            max_new_tokens=4, max_seq_length=256, pad_multiple=256, n_forgetting=3, forgetting_max_length=64,
-            n_inference=2, inference_max_new_tokens=2)
-LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
-        "task_type": "CAUSAL_LM"}
-SCHEMA = {"run_info": ("created_at", "total_time", "experiment_name", "train_config", "peft_config", "error_msg",
-                       "backend"),
-          "train_info": ("accelerator_memory_max", "train_time", "file_size", "num_trainable_params",
-                         "num_total_params", "status", "metrics", "test_accuracy", "peak_memory_bytes",
-                         "compile_time", "tokens_per_sec", "forgetting", "inference", "batch_schedule_sha256"),
-          "meta_info": ("model_info", "dataset_info", "package_info", "system_info")}
+TINY = dict(
+  max_steps=4,
+  eval_steps=2,
+  batch_size=2,
+  batch_size_eval=2,
+  n_train=12,
+  n_valid=2,
+  n_test=2,
+  max_new_tokens=4,
+  max_seq_length=256,
+  pad_multiple=256,
+  n_forgetting=3,
+  forgetting_max_length=64,
+  n_inference=2,
+  inference_max_new_tokens=2,
+)
+LORA = {
+  "peft_type": "LORA",
+  "r": 4,
+  "lora_alpha": 8,
+  "lora_dropout": 0.0,
+  "target_modules": ["q_proj", "v_proj"],
+  "task_type": "CAUSAL_LM",
+}
+SCHEMA = {
+  "run_info": ("created_at", "total_time", "experiment_name", "train_config", "peft_config", "error_msg", "backend"),
+  "train_info": (
+    "accelerator_memory_max",
+    "train_time",
+    "file_size",
+    "num_trainable_params",
+    "num_total_params",
+    "status",
+    "metrics",
+    "test_accuracy",
+    "peak_memory_bytes",
+    "compile_time",
+    "tokens_per_sec",
+    "forgetting",
+    "inference",
+    "batch_schedule_sha256",
+  ),
+  "meta_info": ("model_info", "dataset_info", "package_info", "system_info"),
+}
 
 
 def _write_json(path, obj):
@@ -47,27 +80,42 @@ def assets(tmp_path_factory):
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator([format_query(r["question"]) + r["answer"] for r in make_split("train", 40, seed=1)],
-                          trainer)
+  trainer = trainers.BpeTrainer(
+    vocab_size=VOCAB,
+    special_tokens=["<eos>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator([format_query(r["question"]) + r["answer"] for r in make_split("train", 40, seed=1)], trainer)
   PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(root / "tokenizer"))
   make_tiny_llama(str(root / "model"), vocab_size=VOCAB, max_position_embeddings=1024)
 
   exps = root / "experiments"
   _write_json(str(exps / "lora" / "tiny-rank4" / "adapter_config.json"), LORA)
-  _write_json(str(exps / "ia3" / "tiny-default" / "adapter_config.json"),
-              {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
-               "feedforward_modules": ["down_proj"]})
+  _write_json(
+    str(exps / "ia3" / "tiny-default" / "adapter_config.json"),
+    {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+  )
   _write_json(str(exps / "ia3" / "tiny-default" / "training_params.json"), {"optimizer_kwargs": {"lr": 1e-3}})
-  return {"root": root, "model": str(root / "model"), "tokenizer": str(root / "tokenizer"), "exps": exps,
-          "results": str(root / "results")}
+  return {
+    "root": root,
+    "model": str(root / "model"),
+    "tokenizer": str(root / "tokenizer"),
+    "exps": exps,
+    "results": str(root / "results"),
+  }
 
 
 def _run(assets, experiment, backend, **overrides):
-  return runners.run_experiment(str(assets["exps"] / experiment), backend, overrides=dict(TINY, **overrides),
-                                model=assets["model"], tokenizer=assets["tokenizer"],
-                                results_dir=assets["results"], progress=False)
+  return runners.run_experiment(
+    str(assets["exps"] / experiment),
+    backend,
+    overrides=dict(TINY, **overrides),
+    model=assets["model"],
+    tokenizer=assets["tokenizer"],
+    results_dir=assets["results"],
+    progress=False,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +171,7 @@ def test_both_backends_see_the_same_batches(lora_results):
   # B = 0 at init: the first loss is the base model's on the same batch
   assert jax_info["losses"][0] == pytest.approx(torch_info["losses"][0], rel=1e-4)
   # the forgetting loss before training is the base model's on the same texts
-  assert jax_info["forgetting"]["loss_before"] == pytest.approx(torch_info["forgetting"]["loss_before"],
-                                                                rel=1e-4)
+  assert jax_info["forgetting"]["loss_before"] == pytest.approx(torch_info["forgetting"]["loss_before"], rel=1e-4)
 
 
 def test_report_table_and_plot(assets, lora_results, tmp_path):
@@ -133,8 +180,16 @@ def test_report_table_and_plot(assets, lora_results, tmp_path):
   backends = sorted(r["backend"] for r in rep["rows"] if r["method"] == "lora")
   assert backends == ["jax", "torch"]
   text = out.read_text()
-  for column in ("test acc", "peak mem", "train time", "tokens/s", "ckpt size", "trainable params",
-                 "forgetting", "overhead"):
+  for column in (
+    "test acc",
+    "peak mem",
+    "train time",
+    "tokens/s",
+    "ckpt size",
+    "trainable params",
+    "forgetting",
+    "overhead",
+  ):
     assert column in text
   assert "| lora | tiny-rank4 | jax |" in text and "| lora | tiny-rank4 | torch |" in text
   with open(rep["plot_path"], "rb") as f:
@@ -144,15 +199,27 @@ def test_report_table_and_plot(assets, lora_results, tmp_path):
   rows = {r["backend"]: r for r in rep["rows"] if r["method"] == "lora"}
   assert (pair["method"], pair["name"], pair["same_batches"]) == ("lora", "tiny-rank4", True)
   assert pair["tokens_per_sec_ratio"] == pytest.approx(rows["jax"]["tokens_per_sec"] / rows["torch"]["tokens_per_sec"])
-  assert pair["peak_memory_ratio"] == pytest.approx(rows["jax"]["peak_memory_bytes"] / rows["torch"]["peak_memory_bytes"])
+  assert pair["peak_memory_ratio"] == pytest.approx(
+    rows["jax"]["peak_memory_bytes"] / rows["torch"]["peak_memory_bytes"]
+  )
   assert "same experiment on both backends" in text and "| lora/tiny-rank4 |" in text
 
 
 def test_backend_pairs_flags_different_batches():
   def row(backend, sha, tps, mem):
-    return {"method": "m", "name": "n", "backend": backend, "max_steps": 3, "test_accuracy": 0.5,
-            "tokens_per_sec": tps, "peak_memory_bytes": mem, "memory_baseline_bytes": 100, "train_time": 1.0,
-            "schedule_sha256": sha}
+    return {
+      "method": "m",
+      "name": "n",
+      "backend": backend,
+      "max_steps": 3,
+      "test_accuracy": 0.5,
+      "tokens_per_sec": tps,
+      "peak_memory_bytes": mem,
+      "memory_baseline_bytes": 100,
+      "train_time": 1.0,
+      "schedule_sha256": sha,
+    }
+
   (pair,) = report.backend_pairs([row("jax", "a", 30.0, 300), row("torch", "b", 20.0, 600)])
   assert pair["same_batches"] is False and pair["tokens_per_sec_ratio"] == 1.5
   assert pair["peak_memory_ratio"] == 0.5 and pair["peak_above_baseline_ratio"] == 200 / 500
@@ -164,8 +231,14 @@ def test_backend_pairs_flags_different_batches():
 def test_untrained_reference_run(assets, tmp_path, backend):
   """0 steps evaluates the untrained model (experiments/base/): the report draws it as a level, not a point."""
   result, path = runners.run_experiment(
-      str(assets["exps"] / "lora" / "tiny-rank4"), backend, overrides=dict(TINY, max_steps=0, eval_steps=0),
-      model=assets["model"], tokenizer=assets["tokenizer"], results_dir=str(tmp_path), progress=False)
+    str(assets["exps"] / "lora" / "tiny-rank4"),
+    backend,
+    overrides=dict(TINY, max_steps=0, eval_steps=0),
+    model=assets["model"],
+    tokenizer=assets["tokenizer"],
+    results_dir=str(tmp_path),
+    progress=False,
+  )
   info = result["train_info"]
   assert info["status"] == "success" and info["losses"] == [] and 0.0 <= info["test_accuracy"] <= 1.0
   # LoRA at its init is the base model: nothing was forgotten
@@ -183,6 +256,7 @@ def test_untrained_reference_run(assets, tmp_path, backend):
 
 def test_compare_plan_runs_peft_only_methods_on_torch_only():
   from tools import compare
+
   runs = compare.plan(["lora/smollm2-rank32", "ia3/smollm2-lr_0.01"], ["jax", "torch"], {})
   assert runs == [("lora/smollm2-rank32", "jax"), ("lora/smollm2-rank32", "torch"), ("ia3/smollm2-lr_0.01", "torch")]
   # asked for jax alone, a method jpeft lacks is still attempted (and fails with a clear error)
@@ -191,9 +265,20 @@ def test_compare_plan_runs_peft_only_methods_on_torch_only():
 
 def test_report_command_line(assets, lora_results, tmp_path):
   out = tmp_path / "README.md"
-  proc = subprocess.run([sys.executable, "-m", "experiments.report", f"--results_dir={assets['results']}",
-                         f"--out={out}", f"--plot={tmp_path / 'plot.png'}"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.report",
+      f"--results_dir={assets['results']}",
+      f"--out={out}",
+      f"--plot={tmp_path / 'plot.png'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "tiny-rank4" in proc.stdout and out.exists() and (tmp_path / "plot.png").exists()
 
@@ -217,8 +302,10 @@ def test_peft_only_method_runs_on_torch(assets):
 
 
 def test_full_finetuning_on_both_backends(assets):
-  _write_json(str(assets["exps"] / "full-finetuning" / "tiny-lr_0.001" / "training_params.json"),
-              {"optimizer_kwargs": {"lr": 1e-3}})
+  _write_json(
+    str(assets["exps"] / "full-finetuning" / "tiny-lr_0.001" / "training_params.json"),
+    {"optimizer_kwargs": {"lr": 1e-3}},
+  )
   infos = {}
   for backend in ("jax", "torch"):
     result, path = _run(assets, "full-finetuning/tiny-lr_0.001", backend, max_steps=2, eval_steps=0, n_test=1)
@@ -236,11 +323,18 @@ def test_full_finetuning_on_both_backends(assets):
 def test_failed_run_leaves_a_cancelled_record(assets, monkeypatch, tmp_path):
   def fail(self, data):
     raise FloatingPointError("non-finite loss (nan) at step 3")
+
   monkeypatch.setattr(runners.JaxRunner, "run", fail)
   with pytest.raises(FloatingPointError):
-    runners.run_experiment(str(assets["exps"] / "lora" / "tiny-rank4"), "jax", overrides=TINY,
-                           model=assets["model"], tokenizer=assets["tokenizer"], results_dir=str(tmp_path),
-                           progress=False)
+    runners.run_experiment(
+      str(assets["exps"] / "lora" / "tiny-rank4"),
+      "jax",
+      overrides=TINY,
+      model=assets["model"],
+      tokenizer=assets["tokenizer"],
+      results_dir=str(tmp_path),
+      progress=False,
+    )
   with open(tmp_path / "cancelled" / "lora--tiny-rank4--jax.json") as f:
     record = json.load(f)
   assert record["train_info"]["status"] == "canceled" and "non-finite" in record["run_info"]["error_msg"]
@@ -255,15 +349,23 @@ def test_failed_run_leaves_a_cancelled_record(assets, monkeypatch, tmp_path):
 def no_loading(monkeypatch):
   def refuse(self):
     raise AssertionError("the model was loaded before the input error")
+
   monkeypatch.setattr(runners.Runner, "load", refuse)
   monkeypatch.setattr(runners.JaxRunner, "load", refuse)
   monkeypatch.setattr(runners.TorchRunner, "load", refuse)
 
 
 def _try(assets, folder, backend="jax", **overrides):
-  return runners.run_experiment(str(folder), backend, overrides=dict(TINY, **overrides), model=assets["model"],
-                                tokenizer=assets["tokenizer"], results_dir=assets["results"], progress=False,
-                                write=False)
+  return runners.run_experiment(
+    str(folder),
+    backend,
+    overrides=dict(TINY, **overrides),
+    model=assets["model"],
+    tokenizer=assets["tokenizer"],
+    results_dir=assets["results"],
+    progress=False,
+    write=False,
+  )
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
@@ -308,6 +410,7 @@ def test_dataset_without_fields(assets, no_loading, tmp_path, backend):
 
 def test_unsupported_method_on_jax(assets, no_loading):
   from jpeft import config as config_lib
+
   # IA3 is not in jpeft yet; when it lands, point this test at a PEFT method jpeft still lacks.
   with pytest.raises(config_lib.UnsupportedConfigError, match="IA3"):
     _try(assets, assets["exps"] / "ia3" / "tiny-default", "jax")
@@ -331,10 +434,18 @@ def test_full_finetuning_folder_and_shallow_merge(tmp_path):
 def test_suite_folders_are_valid():
   """Every shipped experiment loads; the jax backend accepts exactly the methods jpeft implements."""
   from jpeft import config as config_lib
+
   names = common.list_experiments()
-  for expected in ("lora/smollm2-rank32", "lora/smollm2-rank64", "lora/smollm2-rank64-rslora",
-                   "lora/smollm2-rank32-lorafa", "lora/smollm2-rank32-dora", "lora/smollm2-rank32-loraplus",
-                   "full-finetuning/smollm2-lr_0.0001", "base/smollm2-untrained"):
+  for expected in (
+    "lora/smollm2-rank32",
+    "lora/smollm2-rank64",
+    "lora/smollm2-rank64-rslora",
+    "lora/smollm2-rank32-lorafa",
+    "lora/smollm2-rank32-dora",
+    "lora/smollm2-rank32-loraplus",
+    "full-finetuning/smollm2-lr_0.0001",
+    "base/smollm2-untrained",
+  ):
     assert expected in names
   assert {n.split("/")[0] for n in names} >= {"oft", "ia3", "lily"}
   supported = set(config_lib.registered_peft_types())

@@ -35,8 +35,14 @@ def test_greedy_equals_transformers(tiny):
   eos = 7  # a frequent-enough token so that some rows stop early on the random model
   out = generate(params, config, ids, mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
   with torch.no_grad():
-    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=16,
-                         do_sample=False, eos_token_id=eos, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    ref = model.generate(
+      input_ids=torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      max_new_tokens=16,
+      do_sample=False,
+      eos_token_id=eos,
+      pad_token_id=0,
+    )[:, ids.shape[1] :].numpy()
   ref = np.pad(ref, ((0, 0), (0, 16 - ref.shape[1])), constant_values=0)
   np.testing.assert_array_equal(out, ref)
 
@@ -48,7 +54,7 @@ def test_stops_at_eos_per_row(tiny):
   eos = int(free[0, 3])  # row 0 produces this token at step 3 -> it must stop there
   out = generate(params, config, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
   first = int(np.argmax(out[0] == eos))
-  assert first <= 3 and (out[0, first + 1:] == 0).all()
+  assert first <= 3 and (out[0, first + 1 :] == 0).all()
 
 
 def test_sampling_is_seeded_and_top_p_small_is_greedy(tiny):
@@ -59,8 +65,9 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy(tiny):
   c = generate(params, config, ids, mask, max_new_tokens=8, temperature=1.0, rng=jax.random.key(4))
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
-  nucleus = generate(params, config, ids, mask, max_new_tokens=8, temperature=1.0, top_p=1e-6,
-                     rng=jax.random.key(5), eos_token_id=-5)
+  nucleus = generate(
+    params, config, ids, mask, max_new_tokens=8, temperature=1.0, top_p=1e-6, rng=jax.random.key(5), eos_token_id=-5
+  )
   greedy = generate(params, config, ids, mask, max_new_tokens=8, eos_token_id=-5)
   np.testing.assert_array_equal(nucleus, greedy)
 

@@ -14,15 +14,21 @@ from backends.tiny import make_tiny_llama
 from jpeft.models import CheckpointError, LlamaConfig, causal_lm_loss, forward, load_model
 from jpeft.models.llama import param_shapes
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
 
 CONFIGS = {
-    "gqa-untied": dict(num_key_value_heads=2),
-    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
-    "gqa-llama3-rope": dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE),
-    "mqa-tied-llama3-bias": dict(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE,
-                                 attention_bias=True, mlp_bias=True),
+  "gqa-untied": dict(num_key_value_heads=2),
+  "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+  "gqa-llama3-rope": dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE),
+  "mqa-tied-llama3-bias": dict(
+    num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, attention_bias=True, mlp_bias=True
+  ),
 }
 
 
@@ -41,8 +47,7 @@ def _batch(vocab, pad):
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def tiny(request, tmp_path_factory):
-  folder = make_tiny_llama(str(tmp_path_factory.mktemp(request.param)), initializer_range=0.1,
-                           **CONFIGS[request.param])
+  folder = make_tiny_llama(str(tmp_path_factory.mktemp(request.param)), initializer_range=0.1, **CONFIGS[request.param])
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
   return folder, model
 
@@ -54,8 +59,9 @@ def test_logits_match_transformers(tiny, pad):
   ids, mask = _batch(config.vocab_size, pad)
   positions = np.maximum(mask.cumsum(-1) - 1, 0)
   with torch.no_grad():
-    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                position_ids=torch.tensor(positions)).logits.numpy()
+    ref = model(
+      input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+    ).logits.numpy()
   out = np.asarray(jax.jit(forward, static_argnums=1)(params, config, ids, mask))
   err = np.abs(ref - out)[mask.astype(bool)].max()
   assert err < 1e-5, err
@@ -79,8 +85,7 @@ def test_loss_matches_transformers(tiny):
   labels = np.where(mask.astype(bool), ids, -100)
   labels[:, :4] = -100
   with torch.no_grad():
-    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                labels=torch.tensor(labels)).loss.item()
+    ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss.item()
   loss, n = causal_lm_loss(forward(params, config, ids, mask), jnp.asarray(labels))
   assert abs(float(loss) - ref) < 1e-5
   assert int(n) == int((labels[:, 1:] != -100).sum())
@@ -122,6 +127,7 @@ def test_checkpoint_shape_mismatch_names_tensor(tmp_path):
 
 def test_checkpoint_missing_tensor(tmp_path):
   from safetensors.numpy import load_file, save_file
+
   folder = make_tiny_llama(str(tmp_path / "m"))
   path = os.path.join(folder, "model.safetensors")
   state = load_file(path)
@@ -146,6 +152,7 @@ def test_sharded_checkpoint(tmp_path):
 
 def test_hub_id_downloads_then_loads_the_folder(tmp_path, monkeypatch):
   import huggingface_hub
+
   folder = make_tiny_llama(str(tmp_path / "snapshot"))
   calls = []
 

@@ -29,6 +29,7 @@ def _spec(sharding):
 def _child(out_dir: str) -> None:
   sys.path[:0] = [ROOT, HERE]
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")
 
   import _trainer_child as setup
@@ -47,13 +48,16 @@ def _child(out_dir: str) -> None:
   report["param_specs"] = {k: _spec(s) for k, s in sharding.param_shardings(params, mesh).items()}
   placed = sharding.shard_params(params, mesh)
   z = np.zeros
-  synthetic = {"model.embed_tokens": {"lora_embedding_A": z((4, 320)), "lora_embedding_B": z((32, 4))},
-               "lm_head": {"weight": z((320, 32))},
-               "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": z(32), "lora_A.weight": z((4, 32))},
-               "model.layers.0.mlp.down_proj": {"hada_w1_b": z((4, 64)), "other": z((3, 5))},
-               "__shared__": {"vera_A": z((4, 64))}}
-  report["synthetic_specs"] = {m: {t: _spec(v) for t, v in ts.items()}
-                               for m, ts in sharding.adapter_shardings(synthetic, placed, mesh).items()}
+  synthetic = {
+    "model.embed_tokens": {"lora_embedding_A": z((4, 320)), "lora_embedding_B": z((32, 4))},
+    "lm_head": {"weight": z((320, 32))},
+    "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": z(32), "lora_A.weight": z((4, 32))},
+    "model.layers.0.mlp.down_proj": {"hada_w1_b": z((4, 64)), "other": z((3, 5))},
+    "__shared__": {"vera_A": z((4, 64))},
+  }
+  report["synthetic_specs"] = {
+    m: {t: _spec(v) for t, v in ts.items()} for m, ts in sharding.adapter_shardings(synthetic, placed, mesh).items()
+  }
 
   def config(**kw):  # every example is longer than 128 tokens: one padded length
     return setup.train_config(batch_size=4, max_steps=STEPS, eval_steps=None, max_seq_length=128, **kw)
@@ -70,8 +74,18 @@ def _child(out_dir: str) -> None:
     if step == 2:
       raise Crash()
 
-  first = Trainer(model_config, params, setup.lora_config(), tok, train, None, None,
-                  config(checkpoint_dir=ckpt, checkpoint_every=2), mesh=mesh, on_step=crash)
+  first = Trainer(
+    model_config,
+    params,
+    setup.lora_config(),
+    tok,
+    train,
+    None,
+    None,
+    config(checkpoint_dir=ckpt, checkpoint_every=2),
+    mesh=mesh,
+    on_step=crash,
+  )
   report["adapter_specs"] = {m: {t: _spec(v.sharding) for t, v in ts.items()} for m, ts in first.trainable.items()}
   report["params_placed_specs"] = {k: _spec(v.sharding) for k, v in first.params.items()}
   mesh_losses = []
@@ -83,14 +97,24 @@ def _child(out_dir: str) -> None:
   mu = jax.tree_util.tree_leaves_with_path(first.opt_state)
   report["opt_specs"] = {jax.tree_util.keystr(p): _spec(x.sharding) for p, x in mu}
 
-  resumed = Trainer(model_config, params, setup.lora_config(), tok, train, None, None,
-                    config(checkpoint_dir=ckpt, checkpoint_every=2), mesh=mesh)
+  resumed = Trainer(
+    model_config,
+    params,
+    setup.lora_config(),
+    tok,
+    train,
+    None,
+    None,
+    config(checkpoint_dir=ckpt, checkpoint_every=2),
+    mesh=mesh,
+  )
   result = resumed.run()
   report["resumed_from"] = result["resumed_from"]
   report["first_mesh_losses"] = mesh_losses
   report["mesh_losses"] = result["losses"]
-  report["final_adapter_specs"] = {m: {t: _spec(v.sharding) for t, v in ts.items()}
-                                   for m, ts in result["trainable"].items()}
+  report["final_adapter_specs"] = {
+    m: {t: _spec(v.sharding) for t, v in ts.items()} for m, ts in result["trainable"].items()
+  }
   report["compiles"] = resumed.train_step._cache_size()
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f)
@@ -98,11 +122,17 @@ def _child(out_dir: str) -> None:
 
 def test_mesh_training_matches_one_device_and_adapters_follow_base(tmp_path):
   # a persistent compilation cache lets the resumed trainer reuse the first mesh trainer's executable
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, cwd=ROOT,
-                        capture_output=True, timeout=300)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), str(tmp_path)], env=env, cwd=ROOT, capture_output=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr.decode()[-4000:]
   r = json.loads((tmp_path / "report.json").read_text())
 
@@ -110,19 +140,20 @@ def test_mesh_training_matches_one_device_and_adapters_follow_base(tmp_path):
 
   # base: 2-D weights split on fsdp along the largest dim it divides (first on a tie); vectors replicated
   p = r["param_specs"]
-  assert p["model.layers.0.self_attn.q_proj.weight"] == ["fsdp"]           # (32, 32)
-  assert p["model.layers.0.self_attn.v_proj.weight"] == [None, "fsdp"]     # (16, 32)
-  assert p["model.layers.0.mlp.gate_proj.weight"] == ["fsdp"]              # (64, 32)
-  assert p["model.layers.0.mlp.down_proj.weight"] == [None, "fsdp"]        # (32, 64)
-  assert p["model.embed_tokens.weight"] == ["fsdp"]                        # (320, 32)
+  assert p["model.layers.0.self_attn.q_proj.weight"] == ["fsdp"]  # (32, 32)
+  assert p["model.layers.0.self_attn.v_proj.weight"] == [None, "fsdp"]  # (16, 32)
+  assert p["model.layers.0.mlp.gate_proj.weight"] == ["fsdp"]  # (64, 32)
+  assert p["model.layers.0.mlp.down_proj.weight"] == [None, "fsdp"]  # (32, 64)
+  assert p["model.embed_tokens.weight"] == ["fsdp"]  # (320, 32)
   assert p["model.norm.weight"] == []
   assert r["params_placed_specs"] == p
   assert r["synthetic_specs"] == {
-      "model.embed_tokens": {"lora_embedding_A": [None, "fsdp"], "lora_embedding_B": []},
-      "lm_head": {"weight": ["fsdp"]},                      # a modules_to_save copy: the base's own sharding
-      "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": ["fsdp"], "lora_A.weight": []},
-      "model.layers.0.mlp.down_proj": {"hada_w1_b": [None, "fsdp"], "other": []},
-      "__shared__": {"vera_A": []}}
+    "model.embed_tokens": {"lora_embedding_A": [None, "fsdp"], "lora_embedding_B": []},
+    "lm_head": {"weight": ["fsdp"]},  # a modules_to_save copy: the base's own sharding
+    "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": ["fsdp"], "lora_A.weight": []},
+    "model.layers.0.mlp.down_proj": {"hada_w1_b": [None, "fsdp"], "other": []},
+    "__shared__": {"vera_A": []},
+  }
 
   # adapters follow their base: lora_B (out, r) takes the out-dim axis, lora_A (r, in) the in-dim axis
   for specs in (r["adapter_specs"], r["final_adapter_specs"]):

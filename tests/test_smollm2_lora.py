@@ -18,8 +18,13 @@ from jpeft.models.loading import embedded_model_folder
 
 pytestmark = pytest.mark.slow
 from paths import LORA_EXPERIMENTS as REFERENCE  # noqa: E402
-LORA_R32 = dict(peft_type="LORA", r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                       "gate_proj", "up_proj", "down_proj"])
+
+LORA_R32 = dict(
+  peft_type="LORA",
+  r=32,
+  lora_alpha=64,
+  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
 
 
 def test_lora_r32_logits_and_grads_match_peft(tmp_path):
@@ -28,8 +33,7 @@ def test_lora_r32_logits_and_grads_match_peft(tmp_path):
     b.load_base("smollm2-135m")
   pt.attach_adapter(LORA_R32, seed=0)
   rng = np.random.default_rng(0)
-  state = {k: (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32)
-           for k, v in pt.adapter_state_dict().items()}
+  state = {k: (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in pt.adapter_state_dict().items()}
   assert len(state) == 30 * 7 * 2
   pt.set_adapter_state_dict(state)
   pt.save_adapter(str(tmp_path))
@@ -55,17 +59,23 @@ def test_lora_r32_logits_and_grads_match_peft(tmp_path):
 
 def _peft_targets(hf_config, adapter_config):
   import peft
+
   with torch.device("meta"):
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
-  cfg = peft.PeftConfig.from_peft_type(**{k: v for k, v in adapter_config.items()
-                                          if k in peft.LoraConfig.__dataclass_fields__})
+  cfg = peft.PeftConfig.from_peft_type(
+    **{k: v for k, v in adapter_config.items() if k in peft.LoraConfig.__dataclass_fields__}
+  )
   pm = peft.get_peft_model(model, cfg)
-  return sorted(n[len("base_model.model."):] for n, m in pm.named_modules() if hasattr(m, "lora_A") and
-                not n.endswith(("lora_A", "lora_B")) and "lora_" not in n.split(".")[-1])
+  return sorted(
+    n[len("base_model.model.") :]
+    for n, m in pm.named_modules()
+    if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B")) and "lora_" not in n.split(".")[-1]
+  )
 
 
-@pytest.mark.parametrize("folder", sorted(glob.glob(os.path.join(REFERENCE, "*"))) or ["<none found>"],
-                         ids=os.path.basename)
+@pytest.mark.parametrize(
+  "folder", sorted(glob.glob(os.path.join(REFERENCE, "*"))) or ["<none found>"], ids=os.path.basename
+)
 def test_reference_lora_configs_target_like_peft_on_smollm2(folder):
   raw = json.load(open(os.path.join(folder, "adapter_config.json")))
   hf_config = transformers.AutoConfig.from_pretrained(embedded_model_folder("smollm2-135m"))

@@ -45,8 +45,17 @@ def test_tiny_run_end_to_end(tiny, reference):
   trainer, result, before, expected_lengths = reference
   cfg = trainer.config
 
-  for key in ("losses", "eval_metrics", "valid_accuracy", "test_accuracy", "train_time_s", "compile_time_s",
-              "tokens_per_s", "num_trainable_params", "trainable"):
+  for key in (
+    "losses",
+    "eval_metrics",
+    "valid_accuracy",
+    "test_accuracy",
+    "train_time_s",
+    "compile_time_s",
+    "tokens_per_s",
+    "num_trainable_params",
+    "trainable",
+  ):
     assert key in result, key
   assert len(result["losses"]) == cfg.max_steps
   assert all(math.isfinite(x) for x in result["losses"])
@@ -57,8 +66,9 @@ def test_tiny_run_end_to_end(tiny, reference):
   assert result["compile_time_s"] > 0 and result["train_time_s"] > 0 and result["tokens_per_s"] > 0
   # r=4 LoRA on q (32x32), v (16x32), down (32x64) in the one layer
   assert result["num_trainable_params"] == 4 * ((32 + 32) + (32 + 16) + (64 + 32))
-  assert set(result["trainable"]) == {f"model.layers.{i}.{m}" for i in range(1)
-                                      for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+  assert set(result["trainable"]) == {
+    f"model.layers.{i}.{m}" for i in range(1) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+  }
   # the adapter trained, the base did not move
   assert any(np.abs(np.asarray(ts["lora_B.weight"])).max() > 0 for ts in result["trainable"].values())
   after = _host(params)
@@ -76,9 +86,16 @@ def test_head_on_loss_tokens_gives_the_same_loss_and_gradients(tiny):
   """The head run only where a label is (loss_positions) is the full-logits loss, to float rounding."""
   from jpeft import train
   from jpeft.models import loss_positions
+
   model_config, params, tok, train_data, _, _ = tiny
-  trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data,
-                    config=setup.train_config(head_on_loss_tokens=False))
+  trainer = Trainer(
+    model_config,
+    params,
+    setup.lora_config(dropout=0.0),
+    tok,
+    train_data,
+    config=setup.train_config(head_on_loss_tokens=False),
+  )
   indices = trainer.schedule()[0]
   batch = {k: np.asarray(v) for k, v in trainer.make_batch(indices)[0].items()}
   assert "loss_positions" not in batch
@@ -91,7 +108,8 @@ def test_head_on_loss_tokens_gives_the_same_loss_and_gradients(tiny):
   assert (targets[np.asarray(batch["attention_mask"]).sum(1) == 0] == -100).all()
   assert (targets != -100).sum() == (batch["labels"][:, 1:] != -100).sum() == int(full[0][1])
   gathered = jax.value_and_grad(loss_fn, has_aux=True)(
-      adapter, trainer.params, dict(batch, loss_positions=positions, loss_targets=targets))
+    adapter, trainer.params, dict(batch, loss_positions=positions, loss_targets=targets)
+  )
   assert int(gathered[0][1]) == int(full[0][1])
   np.testing.assert_allclose(gathered[0][0], full[0][0], rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), gathered[1], full[1])
@@ -103,8 +121,14 @@ def test_head_on_loss_tokens_trains_the_same(tiny):
   model_config, params, tok, train_data, _, _ = tiny
   runs = {}
   for flag in (True, False):
-    trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data,
-                      config=setup.train_config(head_on_loss_tokens=flag, max_steps=4, eval_steps=0))
+    trainer = Trainer(
+      model_config,
+      params,
+      setup.lora_config(dropout=0.0),
+      tok,
+      train_data,
+      config=setup.train_config(head_on_loss_tokens=flag, max_steps=4, eval_steps=0),
+    )
     runs[flag] = trainer.run()["losses"]
   np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
 
@@ -120,13 +144,28 @@ def test_batch_schedule_is_a_function_of_seed_and_lengths():
 
 
 def test_from_dict_reads_peft_training_params():
-  params = {"model_id": "meta-llama/Llama-3.2-3B", "dtype": "bfloat16", "max_seq_length": 768, "batch_size": 4,
-            "batch_size_eval": 50, "max_steps": 5000, "eval_steps": 250, "compile": False, "use_gc": False,
-            "seed": 0, "grad_norm_clip": 1.0, "optimizer_type": "AdamW",
-            "optimizer_kwargs": {"lr": 1e-4, "weight_decay": 0.1}, "lr_scheduler": "cosine", "use_amp": False,
-            "autocast_adapter_dtype": True, "attn_implementation": None,
-            "generation_kwargs": {"max_length": 800, "max_new_tokens": 300},
-            "query_template": "Question: {query} Think step by step.\nAnswer:", "init_kv_cache_prefix": None}
+  params = {
+    "model_id": "meta-llama/Llama-3.2-3B",
+    "dtype": "bfloat16",
+    "max_seq_length": 768,
+    "batch_size": 4,
+    "batch_size_eval": 50,
+    "max_steps": 5000,
+    "eval_steps": 250,
+    "compile": False,
+    "use_gc": False,
+    "seed": 0,
+    "grad_norm_clip": 1.0,
+    "optimizer_type": "AdamW",
+    "optimizer_kwargs": {"lr": 1e-4, "weight_decay": 0.1},
+    "lr_scheduler": "cosine",
+    "use_amp": False,
+    "autocast_adapter_dtype": True,
+    "attn_implementation": None,
+    "generation_kwargs": {"max_length": 800, "max_new_tokens": 300},
+    "query_template": "Question: {query} Think step by step.\nAnswer:",
+    "init_kv_cache_prefix": None,
+  }
   cfg = TrainConfig.from_dict(params, max_steps=10)
   assert (cfg.batch_size, cfg.max_steps, cfg.max_new_tokens, cfg.warmup_steps) == (4, 10, 300, 0)
   assert optimizer_kwargs(cfg)["weight_decay"] == 0.1
@@ -157,11 +196,20 @@ def _read_losses(path):
 
 def _child(out_dir, *args):
   # both children share a persistent compilation cache: the restarted one reuses the first one's executables
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(str(out_dir), "xla_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return subprocess.Popen([sys.executable, os.path.join(HERE, "_trainer_child.py"), str(out_dir), *args],
-                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=os.path.join(str(out_dir), "xla_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  return subprocess.Popen(
+    [sys.executable, os.path.join(HERE, "_trainer_child.py"), str(out_dir), *args],
+    env=env,
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
@@ -208,6 +256,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference, tmp_path):
 
 def _checkpoints(folder):
   import orbax.checkpoint as ocp
+
   with ocp.CheckpointManager(str(folder), options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     steps = sorted(mngr.all_steps())
     meta = None
@@ -220,8 +269,13 @@ def test_nan_loss_from_huge_lr_stops_and_keeps_last_good_checkpoint(tiny, tmp_pa
   # full fine-tuning at lr=1e30: the first update blows the weights up, the next loss or gradient is NaN
   model_config, params, tok, train, valid, test = tiny
   before = _host(params)
-  cfg = setup.train_config(max_steps=6, eval_steps=None, optimizer_kwargs={"lr": 1e30},
-                           checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=1)
+  cfg = setup.train_config(
+    max_steps=6,
+    eval_steps=None,
+    optimizer_kwargs={"lr": 1e30},
+    checkpoint_dir=str(tmp_path / "ckpt"),
+    checkpoint_every=1,
+  )
   trainer = Trainer(model_config, params, None, tok, train, None, None, cfg)
   with pytest.raises(NonFiniteLossError, match=r"non-finite (loss|gradient norm) \(nan\) at step \d+") as info:
     trainer.run()
@@ -237,8 +291,9 @@ def test_nan_loss_from_huge_lr_stops_and_keeps_last_good_checkpoint(tiny, tmp_pa
 
 def test_poisoned_step_raises_and_leaves_the_last_good_checkpoint(tiny, tmp_path):
   model_config, params, tok, train, valid, test = tiny
-  cfg = setup.train_config(max_steps=8, eval_steps=None, checkpoint_dir=str(tmp_path / "ckpt"),
-                           checkpoint_every=2, async_checkpointing=False)
+  cfg = setup.train_config(
+    max_steps=8, eval_steps=None, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2, async_checkpointing=False
+  )
   holder = {}
 
   def poison(step, loss, metrics):
@@ -246,8 +301,9 @@ def test_poisoned_step_raises_and_leaves_the_last_good_checkpoint(tiny, tmp_path
       t = holder["trainer"]
       t.trainable = jax.tree_util.tree_map(lambda x: x * np.float32("nan"), t.trainable)
 
-  trainer = holder["trainer"] = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train,
-                                        None, None, cfg, on_step=poison)
+  trainer = holder["trainer"] = Trainer(
+    model_config, params, setup.lora_config(dropout=0.0), tok, train, None, None, cfg, on_step=poison
+  )
   with pytest.raises(NonFiniteLossError) as info:
     trainer.run()
   assert info.value.step == 3 and info.value.last_checkpoint_step == 2

@@ -26,8 +26,9 @@ import time
 from absl import app, flags
 
 flags.DEFINE_enum("task", "train_lora", ["generate", "train_full", "train_lora", "experiment"], "what to measure")
-flags.DEFINE_string("experiment", "lora/smollm2-rank32", "experiment (<method>/<name> under experiments/), "
-                    "task=experiment")
+flags.DEFINE_string(
+  "experiment", "lora/smollm2-rank32", "experiment (<method>/<name> under experiments/), task=experiment"
+)
 flags.DEFINE_string("from_results", None, "task=experiment: read both result files from this folder, run nothing")
 flags.DEFINE_string("results_dir", None, "task=experiment: where the two runs write (default: runs/bench)")
 flags.DEFINE_integer("max_steps", None, "task=experiment: optimizer steps (default: the experiment's)")
@@ -71,6 +72,7 @@ def _timed(fn) -> tuple[float, float]:
 
 def _batch(vocab):
   import numpy as np
+
   rng = np.random.default_rng(0)
   ids = rng.integers(3, vocab, (FLAGS.batch, FLAGS.seq)).astype(np.int32)
   return ids, np.ones_like(ids), ids.copy()
@@ -83,6 +85,7 @@ def _worker_jax():
   from jpeft import config as config_lib
   from jpeft.generate import generate
   from jpeft.models import load_model
+
   config, params = load_model(FLAGS.model)
   loaded = _rss()
   ids, mask, labels = _batch(config.vocab_size)
@@ -130,6 +133,7 @@ def _worker_jax():
 def _worker_torch():
   import torch
   from backends.torch_backend import TorchBackend
+
   backend = TorchBackend()
   backend.load_base(FLAGS.model)
   loaded = _rss()
@@ -140,11 +144,19 @@ def _worker_torch():
   out = {"side": "torch", "device": dev.type, "threads": torch.get_num_threads()}
   sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
   if FLAGS.task == "generate":
+
     def gen():
       with torch.no_grad():
-        model.generate(input_ids=t_ids, attention_mask=t_mask, max_new_tokens=FLAGS.new_tokens,
-                       min_new_tokens=FLAGS.new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(
+          input_ids=t_ids,
+          attention_mask=t_mask,
+          max_new_tokens=FLAGS.new_tokens,
+          min_new_tokens=FLAGS.new_tokens,
+          do_sample=False,
+          pad_token_id=0,
+        )
       sync()
+
     out["compile_s"], median = _timed(gen)
     out["tokens_per_s"] = FLAGS.batch * FLAGS.new_tokens / median
   else:
@@ -163,6 +175,7 @@ def _worker_torch():
 def _matmul_gflops() -> float:
   """This machine's fp32 matmul throughput (the CPU's physical limit), measured with numpy."""
   import numpy as np
+
   a = np.random.rand(1024, 1024).astype(np.float32)
   a @ a
   times = []
@@ -170,7 +183,7 @@ def _matmul_gflops() -> float:
     t0 = time.perf_counter()
     a @ a
     times.append(time.perf_counter() - t0)
-  return 2 * 1024 ** 3 / statistics.median(times) / 1e9
+  return 2 * 1024**3 / statistics.median(times) / 1e9
 
 
 TARGET_THROUGHPUT, TARGET_MEMORY = 1.3, 0.7
@@ -179,13 +192,21 @@ TARGET_THROUGHPUT, TARGET_MEMORY = 1.3, 0.7
 def _experiment_ratios() -> int:
   """Run (or read) one experiment on both backends and print the jax/torch ratios."""
   from experiments import report
+
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   folder = FLAGS.from_results or FLAGS.results_dir or os.path.join(repo, "runs", "bench")
   if not FLAGS.from_results:
     path = os.path.join(repo, "experiments", FLAGS.experiment)
     for side in ("jax", "torch"):
-      cmd = [sys.executable, "-m", "experiments.run", f"--experiment={path}", f"--backend={side}",
-             f"--results_dir={folder}", "--progress=false"]
+      cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        f"--experiment={path}",
+        f"--backend={side}",
+        f"--results_dir={folder}",
+        "--progress=false",
+      ]
       if FLAGS.max_steps is not None:
         cmd.append(f"--max_steps={FLAGS.max_steps}")
       if FLAGS.model != "smollm2-135m":
@@ -200,9 +221,11 @@ def _experiment_ratios() -> int:
   p = pairs[0]
   print(report.pairs_table(pairs))
   tput, mem = p["tokens_per_sec_ratio"], p["peak_memory_ratio"]
-  print(f"\n{FLAGS.experiment}: train tokens/s jpeft/PEFT {tput:.2f}x (target >= {TARGET_THROUGHPUT}x: "
-        f"{'met' if tput >= TARGET_THROUGHPUT else 'NOT met'}), peak memory {mem:.2f}x (target <= {TARGET_MEMORY}x: "
-        f"{'met' if mem <= TARGET_MEMORY else 'NOT met'})")
+  print(
+    f"\n{FLAGS.experiment}: train tokens/s jpeft/PEFT {tput:.2f}x (target >= {TARGET_THROUGHPUT}x: "
+    f"{'met' if tput >= TARGET_THROUGHPUT else 'NOT met'}), peak memory {mem:.2f}x (target <= {TARGET_MEMORY}x: "
+    f"{'met' if mem <= TARGET_MEMORY else 'NOT met'})"
+  )
   return 0
 
 
@@ -222,26 +245,36 @@ def main(argv):
     if proc.returncode != 0 or not line:
       sys.stderr.write(proc.stderr[-3000:])
       raise SystemExit(f"{side} worker failed")
-    results[side] = json.loads(line[0][len("RESULT "):])
+    results[side] = json.loads(line[0][len("RESULT ") :])
   j, t = results["jax"], results["torch"]
   print(json.dumps(results, indent=2))
-  what = {"generate": f"generation, batch {FLAGS.batch}, prompt {FLAGS.seq}, {FLAGS.new_tokens} new tokens",
-          "train_full": f"full fine-tuning step, batch {FLAGS.batch}x{FLAGS.seq}",
-          "train_lora": f"LoRA r{FLAGS.rank} all-linear step, batch {FLAGS.batch}x{FLAGS.seq}"}[FLAGS.task]
+  what = {
+    "generate": f"generation, batch {FLAGS.batch}, prompt {FLAGS.seq}, {FLAGS.new_tokens} new tokens",
+    "train_full": f"full fine-tuning step, batch {FLAGS.batch}x{FLAGS.seq}",
+    "train_lora": f"LoRA r{FLAGS.rank} all-linear step, batch {FLAGS.batch}x{FLAGS.seq}",
+  }[FLAGS.task]
   print(f"\n{what} on {FLAGS.model} ({j['device']}){' jpeft with remat' if FLAGS.remat else ''}")
-  print(f"  tokens/s   jpeft {j['tokens_per_s']:.1f}   reference {t['tokens_per_s']:.1f}   "
-        f"ratio {j['tokens_per_s'] / t['tokens_per_s']:.2f}x")
-  print(f"  peak mem   jpeft {j['peak_bytes'] / 2**20:.0f} MiB   reference {t['peak_bytes'] / 2**20:.0f} MiB   "
-        f"ratio {j['peak_bytes'] / t['peak_bytes']:.2f}x")
+  print(
+    f"  tokens/s   jpeft {j['tokens_per_s']:.1f}   reference {t['tokens_per_s']:.1f}   "
+    f"ratio {j['tokens_per_s'] / t['tokens_per_s']:.2f}x"
+  )
+  print(
+    f"  peak mem   jpeft {j['peak_bytes'] / 2**20:.0f} MiB   reference {t['peak_bytes'] / 2**20:.0f} MiB   "
+    f"ratio {j['peak_bytes'] / t['peak_bytes']:.2f}x"
+  )
   if "above_load_bytes" in j:
-    print(f"  above load jpeft {j['above_load_bytes'] / 2**20:.0f} MiB   reference "
-          f"{t['above_load_bytes'] / 2**20:.0f} MiB   ratio {j['above_load_bytes'] / max(t['above_load_bytes'], 1):.2f}x")
+    print(
+      f"  above load jpeft {j['above_load_bytes'] / 2**20:.0f} MiB   reference "
+      f"{t['above_load_bytes'] / 2**20:.0f} MiB   ratio {j['above_load_bytes'] / max(t['above_load_bytes'], 1):.2f}x"
+    )
   print(f"  compile/warm-up  jpeft {j['compile_s']:.1f}s   reference {t['compile_s']:.1f}s")
   if FLAGS.task != "generate" and j["device"] == "cpu":
     gflops = _matmul_gflops()
     flops_per_token = 6 * 135e6 if FLAGS.task == "train_full" else 4 * 135e6  # fwd+bwd (no weight grads for LoRA)
-    print(f"  machine fp32 matmul {gflops:.0f} GFLOP/s -> MFU jpeft {j['tokens_per_s'] * flops_per_token / gflops / 1e9:.0%}"
-          f", reference {t['tokens_per_s'] * flops_per_token / gflops / 1e9:.0%}")
+    print(
+      f"  machine fp32 matmul {gflops:.0f} GFLOP/s -> MFU jpeft {j['tokens_per_s'] * flops_per_token / gflops / 1e9:.0%}"
+      f", reference {t['tokens_per_s'] * flops_per_token / gflops / 1e9:.0%}"
+    )
 
 
 if __name__ == "__main__":

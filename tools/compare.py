@@ -23,16 +23,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EXPERIMENTS = ("lora/smollm2-rank32", "lora/smollm2-rank64-rslora", "full-finetuning/smollm2-lr_0.0001")
 # flag -> default of the short budget (None: the experiment's own value)
 BUDGET = {
-    "max_steps": 30,
-    "eval_steps": 0,
-    "n_valid": 0,
-    "n_test": 32,
-    "max_new_tokens": None,
-    "batch_size": None,
-    "max_seq_length": None,
-    "n_forgetting": 8,
-    "n_inference": 2,
-    "inference_max_new_tokens": 8,
+  "max_steps": 30,
+  "eval_steps": 0,
+  "n_valid": 0,
+  "n_test": 32,
+  "max_new_tokens": None,
+  "batch_size": None,
+  "max_seq_length": None,
+  "n_forgetting": 8,
+  "n_inference": 2,
+  "inference_max_new_tokens": 8,
 }
 
 FLAGS = flags.FLAGS
@@ -40,12 +40,21 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   flags.DEFINE_list("experiments", list(DEFAULT_EXPERIMENTS), "experiments (<method>/<name> under experiments/)")
-  flags.DEFINE_list("backends", ["jax"], "backends of every experiment (jax, torch); with both, an experiment "
-                    "the jax backend cannot run (a method jpeft lacks) runs on torch only")
-  flags.DEFINE_bool("suite", False, "the whole suite: every experiment under experiments/ on jax and torch with "
-                    "its own budget (the budget flags are then unset unless given), into experiments/results")
-  flags.DEFINE_string("results_dir", None, "where results, table and plot go (default: runs/compare; "
-                      "--suite: experiments/results)")
+  flags.DEFINE_list(
+    "backends",
+    ["jax"],
+    "backends of every experiment (jax, torch); with both, an experiment "
+    "the jax backend cannot run (a method jpeft lacks) runs on torch only",
+  )
+  flags.DEFINE_bool(
+    "suite",
+    False,
+    "the whole suite: every experiment under experiments/ on jax and torch with "
+    "its own budget (the budget flags are then unset unless given), into experiments/results",
+  )
+  flags.DEFINE_string(
+    "results_dir", None, "where results, table and plot go (default: runs/compare; --suite: experiments/results)"
+  )
   flags.DEFINE_string("model", None, "model source (default: the experiments' model_id)")
   flags.DEFINE_string("tokenizer", None, "tokenizer source (default: the model's)")
   flags.DEFINE_bool("progress", True, "tqdm bars of the runs")
@@ -57,6 +66,7 @@ def define_flags() -> None:
 def _runs_on_jax(path: str) -> bool:
   from experiments import common
   from jpeft import config as config_lib
+
   exp = common.load_experiment(path)
   return exp.peft_config is None or exp.peft_type in set(config_lib.registered_peft_types())
 
@@ -75,8 +85,15 @@ def plan(experiments, backends, budget: dict) -> list[tuple[str, str]]:
 
 def command(experiment: str, backend: str, results_dir: str, budget: dict) -> list[str]:
   path = experiment if os.path.isdir(experiment) else os.path.join(REPO, "experiments", experiment)
-  cmd = [sys.executable, "-m", "experiments.run", f"--experiment={path}", f"--backend={backend}",
-         f"--results_dir={results_dir}", f"--progress={str(FLAGS.progress).lower()}"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.run",
+    f"--experiment={path}",
+    f"--backend={backend}",
+    f"--results_dir={results_dir}",
+    f"--progress={str(FLAGS.progress).lower()}",
+  ]
   for name, value in budget.items():
     if value is not None:
       cmd.append(f"--{name}={value}")
@@ -93,9 +110,11 @@ def main(argv):
   from experiments.report import make_report
 
   from experiments import common
+
   if FLAGS.suite:
-    experiments = list(common.list_experiments()) if FLAGS.experiments == list(DEFAULT_EXPERIMENTS) \
-        else FLAGS.experiments
+    experiments = (
+      list(common.list_experiments()) if FLAGS.experiments == list(DEFAULT_EXPERIMENTS) else FLAGS.experiments
+    )
     backends = FLAGS.backends if FLAGS["backends"].present else ["jax", "torch"]
     budget = {name: getattr(FLAGS, name) if FLAGS[name].present else None for name in BUDGET}
     results_dir = FLAGS.results_dir or str(common.DEFAULT_RESULTS_DIR)
@@ -116,8 +135,11 @@ def main(argv):
     print(f"[{i}/{len(runs)}] {experiment} on {backend}", flush=True)
     t = time.perf_counter()
     rc = subprocess.call(cmd, cwd=REPO)
-    print(f"[{i}/{len(runs)}] {experiment} on {backend}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
-          f"{time.perf_counter() - t:.0f}s", flush=True)
+    print(
+      f"[{i}/{len(runs)}] {experiment} on {backend}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
+      f"{time.perf_counter() - t:.0f}s",
+      flush=True,
+    )
     if rc != 0:
       failed.append(f"{experiment} [{backend}]")
       if not FLAGS.keep_going:

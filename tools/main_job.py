@@ -23,11 +23,11 @@ flags.DEFINE_integer("train_steps", 8, "LoRA steps in the demo")
 FLAGS = flags.FLAGS
 
 PROMPTS = [
-    "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May? Think step by step.\nAnswer:",
-    "The Roman Empire was one of the largest empires of the ancient world. Its capital was",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Paris is the capital of France. Berlin is the capital of Germany. Madrid is the capital of",
+  "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+  "How many clips did Natalia sell altogether in April and May? Think step by step.\nAnswer:",
+  "The Roman Empire was one of the largest empires of the ancient world. Its capital was",
+  'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+  "Paris is the capital of France. Berlin is the capital of Germany. Madrid is the capital of",
 ]
 
 
@@ -47,18 +47,23 @@ def main(argv):
   tok = load_tokenizer(FLAGS.model)
   tok.padding_side = "left"
   config, params = from_transformers(hf)
-  print(f"loaded {FLAGS.model}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{sum(v.size for v in params.values()) / 1e6:.1f}M params ({time.perf_counter() - t0:.1f}s)")
+  print(
+    f"loaded {FLAGS.model}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+    f"{sum(v.size for v in params.values()) / 1e6:.1f}M params ({time.perf_counter() - t0:.1f}s)"
+  )
 
   enc = tok(PROMPTS, return_tensors="np", padding=True)
   ids, mask = enc["input_ids"], enc["attention_mask"]
   pos = np.maximum(mask.cumsum(-1) - 1, 0)
   with torch.no_grad():
-    ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-             position_ids=torch.tensor(pos)).logits.numpy()
+    ref = hf(
+      input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)
+    ).logits.numpy()
   out = np.asarray(jax.jit(forward, static_argnums=1)(params, config, ids, mask))
-  print(f"max |logit diff| jpeft vs transformers over {int(mask.sum())} tokens of {len(PROMPTS)} padded "
-        f"prompts: {np.abs(ref - out)[mask.astype(bool)].max():.2e}")
+  print(
+    f"max |logit diff| jpeft vs transformers over {int(mask.sum())} tokens of {len(PROMPTS)} padded "
+    f"prompts: {np.abs(ref - out)[mask.astype(bool)].max():.2e}"
+  )
 
   question = [PROMPTS[0]]
   q = tok(question, return_tensors="np")
@@ -66,20 +71,18 @@ def main(argv):
   print("\ngreedy completion:\n" + question[0] + tok.decode(new[0], skip_special_tokens=True) + "\n")
 
   # A LoRA adapter: a few training steps on the embedded math task, then PEFT loads what jpeft saved.
-  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", r=16, lora_alpha=32,
-                                                 target_modules="all-linear"))
+  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", r=16, lora_alpha=32, target_modules="all-linear"))
   adapter, params = core.init(jax.random.key(0), params, peft_config, config)
   tok.padding_side = "right"
   problems = make_split("train", 4 * FLAGS.train_steps, seed=0)
-  examples = [tokenize_example(tok, p["question"], " " + p["answer"], DEFAULT_QUERY_TEMPLATE, 256)
-              for p in problems]
+  examples = [tokenize_example(tok, p["question"], " " + p["answer"], DEFAULT_QUERY_TEMPLATE, 256) for p in problems]
   opt = optim.make_optimizer(adapter, peft_config, lr=5e-4, weight_decay=0.1, grad_norm_clip=1.0)
   state = opt.init(adapter)
   step = train.make_train_step(config, peft_config, opt)
   length = 256
   bar = tqdm(range(FLAGS.train_steps), desc="LoRA r16 all-linear")
   for i in bar:
-    rows = examples[4 * i: 4 * i + 4]
+    rows = examples[4 * i : 4 * i + 4]
     batch = {k: np.zeros((4, length), np.int32) for k in ("input_ids", "attention_mask")}
     batch["labels"] = np.full((4, length), -100, np.int32)
     for r, ex in enumerate(rows):
@@ -98,8 +101,10 @@ def main(argv):
     tok.padding_side = "left"
     ref = peft_side.logits(ids, mask)
     mine = np.asarray(forward(core.apply(params, adapter, peft_config), config, ids, mask))
-  print(f"adapter: {core.num_params(adapter) / 1e6:.2f}M trainable params, {size / 2**20:.1f} MiB safetensors; "
-        f"PEFT loads it: max |logit diff| {np.abs(ref - mine)[mask.astype(bool)].max():.2e}")
+  print(
+    f"adapter: {core.num_params(adapter) / 1e6:.2f}M trainable params, {size / 2**20:.1f} MiB safetensors; "
+    f"PEFT loads it: max |logit diff| {np.abs(ref - mine)[mask.astype(bool)].max():.2e}"
+  )
 
 
 if __name__ == "__main__":

