@@ -1,8 +1,10 @@
 """Batched generation with a static-shape KV cache: one compiled prefill + ``lax.while_loop`` decode.
 
 Greedy (``temperature=0``) or temperature / top-p sampling; each sequence stops at its own EOS; the loop
-stops when every sequence is done or ``max_new_tokens`` is reached. Nothing recompiles per token: the cache
-has length ``prompt_len + max_new_tokens`` from the start.
+stops when every sequence is done or ``max_new_tokens`` is reached. Nothing recompiles per token, nor for a new
+``max_new_tokens`` within the same bucket: ``max_new_tokens`` is a traced argument, and the cache has a static
+length of ``prompt_len`` plus ``max_new_tokens`` rounded up to a multiple of :data:`NEW_TOKEN_BUCKET`, so one
+compile serves every ``max_new_tokens`` of a bucket (unused cache slots are masked out, as unfilled slots are).
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.models.llama import KVCache, LlamaConfig, forward
+
+NEW_TOKEN_BUCKET = 32  # max_new_tokens is rounded up to a multiple of this for the static cache and token buffer
+
+
+def new_token_slots(max_new_tokens: int) -> int:
+  """The static number of new-token slots compiled for ``max_new_tokens`` (its bucket)."""
+  return -(-int(max_new_tokens) // NEW_TOKEN_BUCKET) * NEW_TOKEN_BUCKET
 
 
 def _select(logits, rng, temperature: float, top_p: float):
@@ -37,7 +46,7 @@ def _select(logits, rng, temperature: float, top_p: float):
   jax.jit,
   static_argnames=(
     "config",
-    "max_new_tokens",
+    "new_token_slots",
     "temperature",
     "top_p",
     "eos_token_ids",
@@ -50,9 +59,10 @@ def _generate(
   input_ids,
   attention_mask,
   rng,
+  max_new_tokens,
   *,
   config: LlamaConfig,
-  max_new_tokens: int,
+  new_token_slots: int,
   temperature: float,
   top_p: float,
   eos_token_ids: tuple[int, ...],
@@ -61,7 +71,7 @@ def _generate(
 ):
   b, prompt_len = input_ids.shape
   cache_dtype = compute_dtype or jnp.float32
-  cache = KVCache.empty(config, b, prompt_len + max_new_tokens, cache_dtype)
+  cache = KVCache.empty(config, b, prompt_len + new_token_slots, cache_dtype)
   logits, cache = forward(
     params, config, input_ids, attention_mask, cache=cache, cache_index=0, compute_dtype=compute_dtype
   )
@@ -89,7 +99,7 @@ def _generate(
     )
     return step + 1, logits[:, -1], cache, tokens, done, rng
 
-  tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
+  tokens = jnp.full((b, new_token_slots), pad_token_id, jnp.int32)
   state = (jnp.int32(0), logits[:, -1], cache, tokens, jnp.zeros((b,), bool), rng)
   step, _, _, tokens, _, _ = jax.lax.while_loop(cond, body, state)
   return tokens, step
@@ -116,7 +126,7 @@ def generate(
     config: the model config.
     input_ids: (B, P) prompts, **left**-padded.
     attention_mask: (B, P) 1 for real tokens.
-    max_new_tokens: the bound on new tokens.
+    max_new_tokens: the bound on new tokens (any value of one :data:`NEW_TOKEN_BUCKET` bucket reuses a compile).
     temperature: 0 for greedy; otherwise sampling temperature.
     top_p: nucleus sampling mass (only with ``temperature > 0``).
     rng: a PRNG key for sampling.
@@ -126,6 +136,9 @@ def generate(
   Returns:
     (B, max_new_tokens) int32 new tokens; after a sequence's EOS, ``pad_token_id``.
   """
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+  max_new_tokens = int(max_new_tokens)
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
@@ -147,12 +160,13 @@ def generate(
     input_ids,
     jnp.asarray(mask, jnp.int32),
     rng,
+    jnp.int32(max_new_tokens),
     config=config,
-    max_new_tokens=int(max_new_tokens),
+    new_token_slots=new_token_slots(max_new_tokens),
     temperature=float(temperature),
     top_p=float(top_p),
     eos_token_ids=tuple(int(e) for e in eos),
     pad_token_id=int(pad_token_id),
     compute_dtype=compute_dtype,
   )
-  return np.asarray(tokens)
+  return np.asarray(tokens)[:, :max_new_tokens]

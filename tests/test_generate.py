@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from backends.tiny import make_tiny_llama
-from jpeft.generate import _generate, generate
+from jpeft.generate import NEW_TOKEN_BUCKET, _generate, generate
 from jpeft.models import load_model
 
 
@@ -72,13 +72,20 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy(tiny):
   np.testing.assert_array_equal(nucleus, greedy)
 
 
-def test_one_compile_for_any_number_of_steps(tiny):
+def test_one_compile_for_any_number_of_new_tokens_in_a_bucket(tiny):
+  """max_new_tokens is traced: 5, 9, 20 and 32 new tokens share one compile; 33 (the next bucket) compiles once more."""
   _, config, params = tiny
   ids, mask = _prompts(config.vocab_size)
-  generate(params, config, ids, mask, max_new_tokens=9, eos_token_id=-5)
+  longest = generate(params, config, ids, mask, max_new_tokens=NEW_TOKEN_BUCKET, eos_token_id=-5)
   before = _generate._cache_size()
-  generate(params, config, ids + 1, mask, max_new_tokens=9, eos_token_id=-5)
+  for n in (5, 9, 20):
+    out = generate(params, config, ids, mask, max_new_tokens=n, eos_token_id=-5)
+    assert out.shape == (ids.shape[0], n)
+    np.testing.assert_array_equal(out, longest[:, :n])  # greedy: a shorter run is a prefix of the longer one
   assert _generate._cache_size() == before
+  beyond = generate(params, config, ids, mask, max_new_tokens=NEW_TOKEN_BUCKET + 1, eos_token_id=-5)
+  np.testing.assert_array_equal(beyond[:, :NEW_TOKEN_BUCKET], longest)
+  assert _generate._cache_size() == before + 1
 
 
 def test_right_padding_is_rejected(tiny):
