@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import _trainer_child as setup
+from numerics import assert_close_to_scale
+from jpeft.data import accuracy, make_split
 from jpeft.trainer import NonFiniteLossError, TrainConfig, Trainer, batch_schedule, optimizer_kwargs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,8 +63,12 @@ def test_tiny_run_end_to_end(tiny, reference):
   assert all(math.isfinite(x) for x in result["losses"])
   assert [m["step"] for m in result["eval_metrics"]] == [4, 8]
   for m in result["eval_metrics"]:
-    assert 0.0 <= m["valid_accuracy"] <= 1.0 and math.isfinite(m["train_loss"]) and m["elapsed_s"] > 0
-  assert 0.0 <= result["test_accuracy"] <= 1.0 and len(result["test_predictions"]) == len(test)
+    assert math.isfinite(m["train_loss"]) and m["elapsed_s"] > 0
+  # the reported accuracy scores the trained adapter's own greedy outputs against the test references
+  assert result["test_predictions"] == trainer.generate_texts([r["query"] for r in test], result["trainable"])
+  assert result["test_accuracy"] == accuracy(result["test_predictions"], [r["response"] for r in test])
+  valid_acc, _ = trainer.evaluate([(r["query"], r["response"]) for r in valid], result["trainable"])
+  assert result["eval_metrics"][-1]["valid_accuracy"] == result["valid_accuracy"] == valid_acc
   assert result["compile_time_s"] > 0 and result["train_time_s"] > 0 and result["tokens_per_s"] > 0
   # r=4 LoRA on q (32x32), v (16x32), down (32x64) in the one layer
   assert result["num_trainable_params"] == 4 * ((32 + 32) + (32 + 16) + (64 + 32))
@@ -80,6 +86,44 @@ def test_tiny_run_end_to_end(tiny, reference):
   shapes = {(trainer.padded_length(b), "loss_positions" in trainer.make_batch(b)[0]) for b in trainer.schedule()}
   assert any(gathered for _, gathered in shapes)
   assert trainer.train_step._cache_size() == len(shapes) <= 2 * len(expected_lengths)
+
+
+def test_a_learnable_task_goes_from_wrong_to_right(tiny):
+  """Every answer is 7: the untrained model never says it, 60 LoRA steps teach it (test accuracy 1.0 measured).
+
+  Scored twice: by the trainer (PEFT's rule) and here by a rule of its own, so a wrong denominator, predictions
+  scored against the wrong references, or evaluation on the untrained weights all fail.
+  """
+  model_config, params, tok, *_ = tiny
+
+  def records(split, n):
+    return [{"query": r["question"], "response": "#### 7"} for r in make_split(split, n, seed=0)]
+
+  def own_accuracy(predictions):
+    return sum(p.rpartition("#### ")[2].strip(" .") == "7" for p in predictions) / len(predictions)
+
+  results = {}
+  for steps in (0, 60):
+    trainer = Trainer(
+      model_config,
+      params,
+      setup.lora_config(dropout=0.0),
+      tok,
+      records("train", 16),
+      records("valid", 4),
+      records("test", 8),
+      setup.train_config(
+        max_steps=steps,
+        eval_steps=0,
+        lr_scheduler="constant",
+        max_new_tokens=8,
+        optimizer_kwargs={"lr": 3e-2, "weight_decay": 0.0},
+      ),
+    )
+    result = trainer.run()
+    assert result["test_accuracy"] == own_accuracy(result["test_predictions"]), result["test_predictions"]
+    results[steps] = result["test_accuracy"]
+  assert results[0] == 0.0 and results[60] >= 0.75, results
 
 
 def test_head_on_loss_tokens_gives_the_same_loss_and_gradients(tiny):
@@ -111,8 +155,13 @@ def test_head_on_loss_tokens_gives_the_same_loss_and_gradients(tiny):
     adapter, trainer.params, dict(batch, loss_positions=positions, loss_targets=targets)
   )
   assert int(gathered[0][1]) == int(full[0][1])
-  np.testing.assert_allclose(gathered[0][0], full[0][0], rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), gathered[1], full[1])
+  assert abs(float(gathered[0][0]) - float(full[0][0])) <= 1e-6 * abs(float(full[0][0]))
+  # the gathered head sums the same terms in another order: each gradient within 1e-5 of its largest entry
+  # (element-wise bounds fail on entries through zero when XLA picks other kernels on another CPU)
+  for (path, g), f in zip(
+    jax.tree_util.tree_leaves_with_path(gathered[1]), jax.tree_util.tree_leaves(full[1]), strict=True
+  ):
+    assert_close_to_scale(g, f, 1e-5, what=f"gradient {jax.tree_util.keystr(path)}")
   # a width below the longest row's label count cannot hold the row
   assert loss_positions(batch["labels"], width=int((targets != -100).sum(1).max()) - 1) is None
 
