@@ -123,6 +123,17 @@ def lora_results(assets):
   return {backend: _run(assets, "lora/tiny-rank4", backend) for backend in ("jax", "torch")}
 
 
+def _scored(assets, info):
+  """The test accuracy recomputed from a result's saved predictions and the experiment's own test references."""
+  from jpeft.data import accuracy
+
+  exp = common.load_experiment(str(assets["exps"] / "lora" / "tiny-rank4"), overrides=TINY)
+  references = [response for _, response in common.load_data(exp.params).test]
+  predictions = info["test_predictions_sample"]
+  assert len(predictions) == len(references) == TINY["n_test"]
+  return accuracy(predictions, references)
+
+
 def _check_schema(result):
   for section, keys in SCHEMA.items():
     for key in keys:
@@ -145,9 +156,11 @@ def test_tiny_experiment_writes_a_result(assets, lora_results, backend):
   metrics = info["metrics"]
   assert [m["step"] for m in metrics[:-1]] == [2, 4]
   for m in metrics[:-1]:
-    assert 0.0 <= m["valid accuracy"] <= 1.0 and m["train loss"] > 0 and m["train time"] >= 0
+    # a fraction of the n_valid = 2 prompts
+    assert m["valid accuracy"] * TINY["n_valid"] in (0, 1, 2) and m["train loss"] > 0 and m["train time"] >= 0
   assert set(metrics[-1]) >= {"step", "test accuracy", "train loss", "train total tokens", "forgetting"}
-  assert 0.0 <= info["test_accuracy"] <= 1.0
+  # the test accuracy is the saved predictions (all n_test of them) scored against the test references
+  assert metrics[-1]["test accuracy"] == info["test_accuracy"] == _scored(assets, info)
   assert len(info["losses"]) == TINY["max_steps"]
   assert info["peak_memory_bytes"] > 0 and info["train_time"] > 0 and info["tokens_per_sec"] > 0
   # LoRA r=4 on q (64x64) and v (32x64) in 2 layers; adapter_model.safetensors as saved
@@ -228,6 +241,42 @@ def test_backend_pairs_flags_different_batches():
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_learnable_task_is_learned_on_both_backends(assets, tmp_path, backend):
+  """Every answer is 7 (a local JSONL file): 0 steps score 0, 60 LoRA steps score >= 0.75 (measured: 1.0 jax, 0.875 torch)."""
+  from jpeft.data import make_split
+
+  data = tmp_path / "sevens.jsonl"
+  with open(data, "w") as f:
+    for r in make_split("train", 24, seed=3):
+      f.write(json.dumps({"query": r["question"], "response": "#### 7"}) + "\n")
+  accuracies = {}
+  for steps in (0, 60):
+    result, _ = runners.run_experiment(
+      str(assets["exps"] / "lora" / "tiny-rank4"),
+      backend,
+      overrides=dict(
+        TINY,
+        max_steps=steps,
+        eval_steps=0,
+        train_data=str(data),
+        valid_data=None,
+        test_data=str(data),
+        n_test=8,
+        max_new_tokens=8,
+        lr_scheduler="constant",
+        optimizer_kwargs={"lr": 3e-2, "weight_decay": 0.0},
+      ),
+      model=assets["model"],
+      tokenizer=assets["tokenizer"],
+      results_dir=str(tmp_path / f"results-{steps}"),
+      progress=False,
+    )
+    accuracies[steps] = result["train_info"]["test_accuracy"]
+  print(backend, accuracies)
+  assert accuracies[0] == 0.0 and accuracies[60] >= 0.75, accuracies
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_untrained_reference_run(assets, tmp_path, backend):
   """0 steps evaluates the untrained model (experiments/base/): the report draws it as a level, not a point."""
   result, path = runners.run_experiment(
@@ -240,7 +289,7 @@ def test_untrained_reference_run(assets, tmp_path, backend):
     progress=False,
   )
   info = result["train_info"]
-  assert info["status"] == "success" and info["losses"] == [] and 0.0 <= info["test_accuracy"] <= 1.0
+  assert info["status"] == "success" and info["losses"] == [] and info["test_accuracy"] == _scored(assets, info)
   # LoRA at its init is the base model: nothing was forgotten
   assert info["forgetting"]["delta"] == pytest.approx(0.0, abs=1e-5)
   (row,) = report.load_rows(str(tmp_path))
