@@ -14,6 +14,7 @@ import transformers  # noqa: E402,F401
 
 from backends import get_backend  # noqa: E402
 from backends.tiny import make_batch, make_tiny_llama  # noqa: E402
+from numerics import EPS32, assert_close_to_scale  # noqa: E402
 
 VOCAB = 256
 LORA = {
@@ -87,7 +88,8 @@ def test_logits_shape_and_padding_independence(tiny_dir):
     for row in range(3):
       keep = b["attention_mask"][row] == 1
       alone = backend.logits(b["input_ids"][row : row + 1, keep], np.ones((1, int(keep.sum())), np.int32))
-      np.testing.assert_allclose(logits[row, keep], alone[0], atol=1e-4, rtol=1e-4)
+      # the same sums over a different padded length: float32 rounding of the logits' scale
+      assert_close_to_scale(logits[row, keep], alone[0], 1e-5, what=f"{pad}-padded row {row} vs alone")
 
 
 def test_adapter_changes_logits_and_keys_are_peft_format(tiny_dir):
@@ -195,8 +197,11 @@ def test_loss_and_grads_match_finite_differences(tiny_dir):
       backend.set_adapter_state_dict(perturbed)
       values.append(backend.loss_and_grads(b["input_ids"], b["attention_mask"], b["labels"])[0])
     numeric = (values[0] - values[1]) / (2 * h)
-    assert abs(grads[key][index]) > 1e-4
-    np.testing.assert_allclose(numeric, grads[key][index], rtol=5e-3)
+    # central differences: O(h²) truncation (bounded by 5e-3 relative; measured 2-3e-4 in all) plus the float32
+    # rounding of two losses divided by 2h; the gradient must dwarf that rounding for the check to mean anything
+    rounding = 2 * EPS32 * abs(loss) / (2 * h)
+    assert abs(grads[key][index]) > 100 * rounding, (grads[key][index], rounding)
+    assert abs(numeric - grads[key][index]) <= 5e-3 * abs(grads[key][index]) + rounding
   backend.set_adapter_state_dict(state)
 
 
@@ -317,7 +322,9 @@ def test_other_methods_round_trip(tiny_dir, tmp_path, config, no_grad_keys):
   assert other.train_step(b["input_ids"], b["attention_mask"], b["labels"]) < first
 
 
-def test_generate_matches_hf_greedy(tiny_dir):
+def test_generate_is_greedy_decoding_and_matches_jpeft(tiny_dir):
+  """backend.generate (transformers' cached generate under PEFT) against a cache-free greedy loop over
+  backend.logits, and against jpeft's generate with the same (non-identity) adapter."""
   backend = _backend(tiny_dir)
   b = _batch(pad="left", seq_len=8)
   ids, mask = b["input_ids"], b["attention_mask"]
@@ -325,19 +332,18 @@ def test_generate_matches_hf_greedy(tiny_dir):
   assert out.shape == (3, 13)
   np.testing.assert_array_equal(out[:, :8], ids)
 
-  with torch.no_grad():
-    ref = backend.model.generate(
-      input_ids=torch.as_tensor(ids, dtype=torch.long),
-      attention_mask=torch.as_tensor(mask, dtype=torch.long),
-      max_new_tokens=5,
-      do_sample=False,
-      eos_token_id=None,
-      pad_token_id=0,
-    )
-  np.testing.assert_array_equal(out, ref.numpy())
+  cur_ids, cur_mask = ids, mask
+  for _ in range(5):  # no KV cache: the full forward of the whole sequence at every step
+    nxt = backend.logits(cur_ids, cur_mask)[:, -1].argmax(-1)
+    cur_ids = np.concatenate([cur_ids, nxt[:, None]], axis=1)
+    cur_mask = np.concatenate([cur_mask, np.ones_like(nxt)[:, None]], axis=1)
+  np.testing.assert_array_equal(out, cur_ids)
 
-  logits = backend.logits(ids, mask)
-  np.testing.assert_array_equal(out[:, 8], logits[:, -1].argmax(-1))
+  jx = get_backend("jax")
+  jx.load_base(tiny_dir)
+  jx.attach_adapter(LORA)
+  jx.set_adapter_state_dict(backend.adapter_state_dict())
+  np.testing.assert_array_equal(jx.generate(ids, mask, max_new_tokens=5), out)
 
   eos = int(out[0, 8])
   stopped = backend.generate(ids, mask, max_new_tokens=5, eos_token_id=eos)
@@ -355,7 +361,8 @@ def test_merge_keeps_outputs(tiny_dir):
   b = _batch()
   before = backend.logits(b["input_ids"], b["attention_mask"])
   backend.merge()
-  np.testing.assert_allclose(backend.logits(b["input_ids"], b["attention_mask"]), before, atol=1e-4, rtol=1e-4)
+  # W + s·BA in one matrix rounds differently from the factored branch: float32 rounding of the logits' scale
+  assert_close_to_scale(backend.logits(b["input_ids"], b["attention_mask"]), before, 1e-5, what="merged vs unmerged")
   assert backend.num_trainable_params() == 0
   assert "lora" not in type(backend.model).__name__.lower()
   with pytest.raises(RuntimeError, match="merged"):
