@@ -325,6 +325,13 @@ def plot(rows: Sequence[dict], path: str, title: str = "test accuracy vs peak me
   return path
 
 
+def _shown_path(path: str) -> str:
+  """``path`` relative to the project when it lies inside it (no machine path in committed reports)."""
+  root = os.path.dirname(os.path.abspath(common.EXPERIMENTS_DIR))
+  full = os.path.abspath(path)
+  return os.path.relpath(full, root) if os.path.commonpath([full, root]) == root else full
+
+
 def make_report(
   results_dir: str | os.PathLike = common.DEFAULT_RESULTS_DIR, out: str | None = None, plot_path: str | None = None
 ) -> dict[str, Any]:
@@ -339,7 +346,7 @@ def make_report(
   notes = [
     "# Method comparison results",
     "",
-    f"{len(rows)} result(s) from `{results_dir}`. Peak memory: device peak on an accelerator, else the process's "
+    f"{len(rows)} result(s) from `{_shown_path(results_dir)}`. Peak memory: device peak on an accelerator, else the process's "
     "peak RSS. Train time excludes compilation (jax) and evaluation. Checkpoint size: "
     "`adapter_model.safetensors` as saved (`~`: estimated as parameters x bytes, PEFT's rule for full "
     "fine-tuning). Forgetting Δ: mean per-token loss on general text after minus before training. "

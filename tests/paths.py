@@ -14,3 +14,4 @@ def shared_dir() -> pathlib.Path:
 
 
 LORA_EXPERIMENTS = shared_dir() / "reference" / "peft-method-comparison" / "experiments" / "lora"
+GSM8K_TRAIN = shared_dir() / "data" / "gsm8k" / "train.jsonl"

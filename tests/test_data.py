@@ -32,8 +32,8 @@ from jpeft.data import (
   tokenize_example,
   tokenize_prompt,
 )
+from paths import GSM8K_TRAIN
 
-GSM8K_TRAIN = "/work/shared/data/gsm8k/train.jsonl"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # embedded math task
@@ -239,7 +239,7 @@ def test_format_query_uses_peft_template():
 
 
 def test_load_gsm8k_file_normalises_columns():
-  ds = load_math_dataset(GSM8K_TRAIN, limit=20)
+  ds = load_math_dataset(str(GSM8K_TRAIN), limit=20)
   assert ds.column_names == ["query", "response"] and len(ds) == 20
   assert ds[0]["query"].startswith("Natalia sold clips")
   assert ds[0]["response"].endswith("#### 72")

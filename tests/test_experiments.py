@@ -503,3 +503,23 @@ def test_suite_folders_are_valid():
     common.make_train_config(exp)
     if exp.peft_config is not None and exp.peft_type in supported:
       config_lib.config_from_dict(exp.peft_config)
+
+
+def test_committed_results_name_no_machine_path():
+  """The committed suite results record the model by registry name and the report by project-relative path."""
+  results = os.path.join(ROOT, "experiments", "results")
+  files = sorted(f for f in os.listdir(results) if f.endswith(".json"))
+  assert files
+  for name in files:
+    with open(os.path.join(results, name)) as f:
+      result = json.load(f)
+    sources = (
+      result["run_info"]["train_config"]["model_id"],
+      result["run_info"]["peft_config"] and result["run_info"]["peft_config"].get("base_model_name_or_path"),
+      result["meta_info"]["model_info"]["model_id"],
+    )
+    for source in sources:
+      assert source is None or not os.path.isabs(source), (name, source)
+  with open(os.path.join(results, "README.md")) as f:
+    head = f.read(2000)
+  assert "`experiments/results`" in head and f"`{ROOT}" not in head
