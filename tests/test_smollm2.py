@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from jpeft.generate import generate
+from numerics import scaled_error
 from jpeft.models import forward, from_transformers, load_model, load_tokenizer, load_torch_model
 
 PROMPTS = [
@@ -56,8 +57,11 @@ def test_logits_match_transformers(smollm2):
     ).logits.numpy()
   out = np.asarray(jax.jit(forward, static_argnums=1)(params, config, ids, mask))
   err = float(np.abs(ref - out)[mask.astype(bool)].max())
-  print(f"SmolLM2 fp32 max |logit diff| over {mask.sum()} tokens: {err:.3g}")
-  assert err < 1e-3
+  ratio = scaled_error(out, ref, mask=mask.astype(bool))
+  print(f"SmolLM2 fp32 max |logit diff| over {mask.sum()} tokens: {err:.3g} ({ratio:.3g} of the largest logit)")
+  # 30 layers of float32 in two libraries: measured 3.5e-6 of the largest logit (~41); bounded at 2e-5, about the
+  # former absolute 1e-3
+  assert ratio < 2e-5
 
 
 def test_greedy_generation_identical(smollm2):

@@ -18,6 +18,7 @@ from jpeft.models.loading import embedded_model_folder
 
 pytestmark = pytest.mark.slow
 from paths import LORA_EXPERIMENTS as REFERENCE  # noqa: E402
+from numerics import scaled_error  # noqa: E402
 
 LORA_R32 = dict(
   peft_type="LORA",
@@ -43,8 +44,9 @@ def test_lora_r32_logits_and_grads_match_peft(tmp_path):
   mask[1, :20] = 0
   ref, out = pt.logits(ids, mask), jx.logits(ids, mask)
   err = float(np.abs(ref - out)[mask.astype(bool)].max())
-  print(f"SmolLM2 LoRA r32 all-linear logits max |diff| {err:.3g}")
-  assert err < 1e-3  # the same bound as the base model's parity (30 layers of fp32)
+  ratio = scaled_error(out, ref, mask=mask.astype(bool))
+  print(f"SmolLM2 LoRA r32 all-linear logits max |diff| {err:.3g} ({ratio:.3g} of the largest logit)")
+  assert ratio < 2e-5  # measured 2.8e-6; the same bound as the base model's parity (30 layers of fp32)
   # Training batches are right-padded (a left-padded row would score a padding position's logits).
   mask = np.ones_like(ids)
   mask[1, 44:] = 0
