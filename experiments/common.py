@@ -51,7 +51,8 @@ RUNNER_KEYS: dict[str, str] = {
   "n_inference": "prompts (from the test set) in the generation-speed measurement",
   "inference_max_new_tokens": "tokens generated per prompt in the generation-speed measurement (no early stop)",
 }
-# PEFT training params that are about the model or torch internals; accepted by jpeft's TrainConfig and unused.
+# PEFT's switches of how a run computes: fields of jpeft's TrainConfig, each honoured or refused by a backend
+# (the values each backend runs: the runners' check_config; types and method needs: check_switches below).
 _TORCH_ONLY_KEYS = (
   "compile",
   "use_gc",
@@ -228,6 +229,73 @@ def load_experiment(
   return exp
 
 
+def check_adapter_targets(exp: Experiment, model_source: str | None, backend: str = "jax") -> None:
+  """Resolve the adapter's target modules against the module names the model's config implies, before any weight
+  is loaded (``jpeft.models.loading.load_model_config`` reads ``config.json`` / the GGUF metadata only).
+
+  jax: the full jpeft resolution (``jpeft.core.resolve``): target modules that match nothing, all excluded, or of a
+  kind the method cannot adapt (a norm for LoRA) raise. torch: for the PEFT methods that target modules by PEFT's
+  common rules, target modules that match no module raise (PEFT would raise the same after loading); anything
+  else is left to PEFT. The error is re-raised with the adapter config's path in front. Nothing is checked for
+  full fine-tuning, or when the model's config cannot be had without downloading the model.
+  """
+  if exp.peft_config is None or not model_source:
+    return
+  from jpeft import config as config_lib
+  from jpeft import targets as targets_lib
+  from jpeft.models import loading
+
+  from jpeft import core
+  from jpeft.models.llama import module_kinds
+
+  where = os.path.join(exp.path, ADAPTER_CONFIG_NAME)
+  if backend == "jax":
+    try:
+      config = config_lib.config_from_dict(exp.peft_config)
+    except config_lib.JpeftError as exc:
+      raise type(exc)(f"{where}: {exc}") from None
+    supported = core.get_method(config.peft_type).supported_kinds
+    reported: tuple[type[BaseException], ...] = (targets_lib.TargetError,)
+  else:
+    config = _targeting_fields(exp.peft_config)
+    if config is None:
+      return
+    # PEFT's LoRA adapts the same module kinds as jpeft's; for other PEFT-only methods only the names are checked
+    supported = core.get_method(config.peft_type).supported_kinds if config.peft_type == "LORA" else None
+    # a missing default is PEFT's to report (its table may know the method)
+    reported = (
+      targets_lib.NoMatchingTargetsError,
+      targets_lib.UnsupportedTargetError,
+      targets_lib.ConflictingTargetsError,
+    )
+  model_config = loading.load_model_config(model_source)
+  if model_config is None:
+    return
+  try:
+    targets_lib.resolve_targets(config, module_kinds(model_config), model_config.model_type, supported_kinds=supported)
+  except reported as exc:
+    raise type(exc)(f"{where}: {exc} (resolved against the modules of {model_source!r})") from None
+  except targets_lib.TargetError:
+    pass
+
+
+def _targeting_fields(peft_config: Mapping[str, Any]):
+  """A jpeft ``PeftConfig`` holding only the targeting fields of a PEFT-only method's config, or None when PEFT's
+  common targeting rules do not apply to it (prompt learning, ``target_parameters``) or its fields do not parse
+  (PEFT's own check then reports them)."""
+  from jpeft import config as config_lib
+  from jpeft import targets as targets_lib
+
+  peft_type = peft_config.get("peft_type")
+  if peft_type not in targets_lib.MODULE_TARGETING_PEFT_TYPES or peft_config.get("target_parameters"):
+    return None
+  fields = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+  try:
+    return config_lib.PeftConfig(peft_type=peft_type, **{k: peft_config.get(k) for k in fields})
+  except config_lib.JpeftError:
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------------
 # training params -> jpeft's TrainConfig (used by both backends)
 
@@ -275,6 +343,7 @@ def make_train_config(exp: Experiment, **fixed):
     raise ExperimentError(f"{exp.experiment_name}: eval_steps must be a non-negative integer or null")
   if "{query}" not in config.query_template:
     raise ExperimentError(f"{exp.experiment_name}: query_template must contain '{{query}}'")
+  check_switches(exp, config)
   if exp.is_full_finetuning and normalize_optimizer_type(config.optimizer_type) != "AdamW":
     raise ExperimentError(f"{exp.experiment_name}: optimizer_type {config.optimizer_type!r} needs a LoRA adapter")
   for key in (
@@ -290,6 +359,36 @@ def make_train_config(exp: Experiment, **fixed):
     if value is not None and (not isinstance(value, int) or value < 0):
       raise ExperimentError(f"{exp.experiment_name}: {key} must be a non-negative integer or null, got {value!r}")
   return config
+
+
+# PEFT's init_kv_cache_prefix fills the KV prefix of these adapters (peft.initialize_kv_prefix_from_text).
+KV_PREFIX_PEFT_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+
+
+def check_switches(exp: Experiment, config) -> None:
+  """The value checks of PEFT's switches that hold on every backend (what a backend runs: its check_config)."""
+
+  def where(key):
+    return f"{exp.experiment_name}: {key} (from {exp.sources.get(key, 'the defaults')})"
+
+  for key in ("compile", "use_gc", "use_amp", "autocast_adapter_dtype"):
+    value = getattr(config, key)
+    if not isinstance(value, bool):
+      raise ExperimentError(f"{where(key)} must be true or false, got {value!r}")
+  for key in ("attn_implementation", "init_kv_cache_prefix"):
+    value = getattr(config, key)
+    if value is not None and not isinstance(value, str):
+      raise ExperimentError(f"{where(key)} must be null or a string, got {value!r}")
+  prefix = config.init_kv_cache_prefix
+  if prefix is not None:
+    if not prefix.strip():
+      raise ExperimentError(f"{where('init_kv_cache_prefix')} is an empty text; use null for no initialisation")
+    if exp.peft_type.upper() not in KV_PREFIX_PEFT_TYPES or (exp.peft_config or {}).get("prefix_projection"):
+      raise ExperimentError(
+        f"{where('init_kv_cache_prefix')} is set, but it initialises the KV prefix of a "
+        f"{' or '.join(KV_PREFIX_PEFT_TYPES)} adapter without prefix_projection, and this experiment's "
+        f"peft_type is {exp.peft_type!r}; use null"
+      )
 
 
 def optimizer_settings(config) -> dict:

@@ -6,7 +6,9 @@
 The result goes to ``<results_dir>/<method>--<name>--<backend>.json`` in PEFT's schema (``run_info``,
 ``train_info`` with ``metrics`` per eval step, ``meta_info``) plus the fields listed in
 ``experiments/README.md``. Every input error (missing folder, unknown training-params key, a dataset without
-question/answer fields, an adapter config the backend cannot run) is raised before the model is loaded.
+question/answer fields, an adapter config the backend cannot run, target modules that match no module of the
+model's config or that the method cannot adapt) is found before the model is loaded and printed as one
+``error: <type>: <message>`` line (exit status 2).
 """
 
 from __future__ import annotations
@@ -85,34 +87,61 @@ def _overrides_from_flags() -> dict:
   return out
 
 
+def input_errors() -> tuple[type[BaseException], ...]:
+  """The exception types that are the user's input, reported as one ``error: ...`` line (exit status 2)."""
+  from jpeft import config as config_lib
+
+  # JpeftError: every config, target-module and checkpoint error of jpeft (see jpeft.config.JpeftError)
+  return (common.ExperimentError, FileNotFoundError, config_lib.JpeftError)
+
+
+def launch(
+  experiment: str,
+  backend: str = "jax",
+  *,
+  overrides: dict | None = None,
+  model: str | None = None,
+  lr: float | None = None,
+  stderr=None,
+  **kwargs,
+) -> tuple[int, tuple[dict, str | None] | None]:
+  """Check the inputs, then run: ``(0, (result, path))``, or ``(2, None)`` after printing one ``error: ...`` line.
+
+  Before any weight is loaded: the experiment folder and its training params (``common.load_experiment``), and
+  the adapter's target modules against the module names of the model's config (``common.check_adapter_targets``).
+  ``kwargs`` go to :func:`experiments.runners.run_experiment`.
+  """
+  stderr = stderr if stderr is not None else sys.stderr
+  try:
+    exp = common.load_experiment(experiment, overrides)
+    common.check_adapter_targets(exp, model or exp.params.get("model_id"), backend)
+    return 0, run_experiment(experiment, backend, overrides=overrides, model=model, lr=lr, **kwargs)
+  except input_errors() as exc:
+    message = " ".join(str(exc).split("\n"))
+    print(f"error: {type(exc).__name__}: {message}", file=stderr)
+    return 2, None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.experiment:
     raise app.UsageError("--experiment=experiments/<method>/<name> is required")
-  from jpeft import config as config_lib
-
-  try:
-    result, path = run_experiment(
-      FLAGS.experiment,
-      FLAGS.backend,
-      overrides=_overrides_from_flags(),
-      model=FLAGS.model,
-      tokenizer=FLAGS.tokenizer,
-      results_dir=FLAGS.results_dir,
-      save_dir=FLAGS.save_dir,
-      checkpoint_dir=FLAGS.checkpoint_dir,
-      progress=FLAGS.progress,
-      lr=FLAGS.lr,
-    )
-  except (
-    common.ExperimentError,
-    FileNotFoundError,
-    config_lib.UnsupportedConfigError,
-    config_lib.InvalidConfigError,
-  ) as exc:
-    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return 2
+  status, outcome = launch(
+    FLAGS.experiment,
+    FLAGS.backend,
+    overrides=_overrides_from_flags(),
+    model=FLAGS.model,
+    tokenizer=FLAGS.tokenizer,
+    results_dir=FLAGS.results_dir,
+    save_dir=FLAGS.save_dir,
+    checkpoint_dir=FLAGS.checkpoint_dir,
+    progress=FLAGS.progress,
+    lr=FLAGS.lr,
+  )
+  if outcome is None:
+    return status
+  result, path = outcome
   info = result["train_info"]
   print(
     f"{result['run_info']['experiment_name']} [{FLAGS.backend}]: test accuracy {info['test_accuracy']}, "

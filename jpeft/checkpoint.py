@@ -32,20 +32,74 @@ def save_pretrained(folder: str, adapter: core.Adapter, config, params=None) -> 
 
   With ``params``, the base embedding tables are saved too where PEFT saves them (an adapter on
   ``embed_tokens``/``lm_head`` named in ``target_modules``).
+
+  Every tensor is checked first (an array of finite floats, else :class:`jpeft.core.AdapterCheckpointError`
+  naming it), then both files are written to temporary files in ``folder`` and renamed into place: when saving
+  fails, ``folder`` keeps what it held before (and a folder this call created is removed), never half an adapter.
   """
-  from safetensors.numpy import save_file
-
+  folder = os.fspath(folder)
+  if os.path.isfile(folder):
+    raise config_lib.InvalidConfigError(f"Provided path ({folder}) should be a directory, not a file")
+  state = _state_to_save(adapter, config, params)
+  text = config_lib.config_json(config)
+  created = not os.path.isdir(folder)
   os.makedirs(folder, exist_ok=True)
-  config_lib.save_config(config, folder)
-  state = {k: _to_numpy(v) for k, v in core.to_state_dict(adapter, params, config).items()}
-  if any(v.dtype == jnp.bfloat16 for v in state.values()):
-    return _save_torch(folder, state)
-  path = os.path.join(folder, ADAPTER_WEIGHTS)
-  save_file(state, path, metadata={"format": "pt"})
-  return path
+  weights_path = os.path.join(folder, ADAPTER_WEIGHTS)
+  config_path = os.path.join(folder, ADAPTER_CONFIG)
+  tmp_weights = config_lib.temp_path_for(weights_path)
+  tmp_config = config_lib.temp_path_for(config_path)
+  replaced = []
+  try:
+    with open(tmp_config, "w", encoding="utf-8") as f:
+      f.write(text)
+    if any(v.dtype == jnp.bfloat16 for v in state.values()):
+      _save_torch(tmp_weights, state)
+    else:
+      from safetensors.numpy import save_file
+
+      save_file(state, tmp_weights, metadata={"format": "pt"})
+    for tmp, path in ((tmp_weights, weights_path), (tmp_config, config_path)):
+      os.replace(tmp, path)
+      replaced.append(path)
+  except BaseException:
+    if created:  # a folder this call made holds nothing afterwards
+      for path in replaced:
+        os.remove(path)
+    raise
+  finally:
+    for tmp in (tmp_weights, tmp_config):
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    if created and not os.listdir(folder):
+      os.rmdir(folder)
+  return weights_path
 
 
-def _save_torch(folder, state):
+def _state_to_save(adapter, config, params) -> dict[str, np.ndarray]:
+  """PEFT's state dict as numpy, every entry checked (the adapter's structure, dtype, finiteness)."""
+  if not isinstance(adapter, dict):
+    raise core.AdapterCheckpointError(
+      f"an adapter is a dict {{module: {{tensor: array}}}}, got {type(adapter).__name__}"
+    )
+  for module, tensors in adapter.items():
+    if not isinstance(module, str) or not isinstance(tensors, dict) or not tensors:
+      raise core.AdapterCheckpointError(
+        f"adapter entry {module!r}: expected a module name mapped to a non-empty dict of tensors, got "
+        f"{type(tensors).__name__}"
+      )
+    for name in tensors:
+      if not isinstance(name, str):
+        raise core.AdapterCheckpointError(f"adapter entry {module!r}: tensor names are strings, got {name!r}")
+  frozen = set(core.get_method(config.peft_type).frozen_tensors)  # may hold integer indices (FourierFT)
+  floating = {core.peft_key(m, t): t not in frozen for m, ts in adapter.items() for t in ts}
+  state = {}
+  for key, value in core.to_state_dict(adapter, params, config).items():
+    core.check_tensor(value, key, "adapter to save", floating=floating.get(key, True))
+    state[key] = _to_numpy(value)
+  return state
+
+
+def _save_torch(path, state):
   import torch
   from safetensors.torch import save_file
 
@@ -53,25 +107,38 @@ def _save_torch(folder, state):
     k: (torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) if v.dtype == jnp.bfloat16 else torch.from_numpy(v))
     for k, v in state.items()
   }
-  path = os.path.join(folder, ADAPTER_WEIGHTS)
   save_file(tensors, path, metadata={"format": "pt"})
   return path
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a safetensors file as numpy (bf16 kept as ml_dtypes bfloat16); clear error if corrupt."""
+  import torch
   from safetensors import safe_open
 
   if not os.path.exists(path):
-    raise FileNotFoundError(f"adapter weights not found: {path!r}")
-  out = {}
+    raise config_lib.FileMissingError(f"adapter weights not found: {path!r}")
+  if not os.path.isfile(path):
+    raise core.AdapterCheckpointError(f"{path}: not a file")
   try:
     with safe_open(path, framework="pt") as f:
-      for key in f.keys():
-        t = f.get_tensor(key)
-        out[key] = t.float().numpy().astype(jnp.bfloat16) if str(t.dtype) == "torch.bfloat16" else t.numpy()
+      keys = list(f.keys())
+      tensors = {key: f.get_tensor(key) for key in keys}
   except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-    raise core.AdapterCheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    raise core.AdapterCheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+  out = {}
+  for key, t in tensors.items():
+    if t.dtype == torch.bfloat16:
+      out[key] = t.float().numpy().astype(jnp.bfloat16)
+    elif t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+      out[key] = t.float().numpy()  # the float8 types: numpy has none
+    else:
+      try:
+        out[key] = t.numpy()
+      except TypeError:  # a dtype numpy cannot hold (complex32, some unsigned ints in older torch, ...)
+        raise core.AdapterCheckpointError(
+          f"{path}: tensor {key!r} has dtype {str(t.dtype).removeprefix('torch.')}; adapter tensors are floating point"
+        ) from None
   return out
 
 
@@ -81,9 +148,18 @@ def load_pretrained(folder: str, params, model_config: LlamaConfig, *, key=None)
   Returns ``(config, adapter, params)``: ``params`` is the input unless the method rewrites the base at
   init (PiSSA/OLoRA residuals, recomputed from the base exactly as PEFT does on load).
   """
+  folder = os.fspath(folder)
+  if not os.path.isdir(folder):
+    what = "is a file, not an adapter folder" if os.path.exists(folder) else "does not exist"
+    raise config_lib.FileMissingError(
+      f"adapter folder {folder!r} {what} (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} inside)"
+    )
   config = config_lib.load_config(folder)
+  weights = os.path.join(folder, ADAPTER_WEIGHTS)
+  if not os.path.exists(weights):
+    raise config_lib.FileMissingError(f"adapter weights not found: {weights!r} (the folder has {ADAPTER_CONFIG} only)")
   template, params = core.init(key if key is not None else jax.random.key(0), params, config, model_config)
-  state = read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS))
+  state = read_safetensors(weights)
   extra = core.embedding_base_layers(template, params, config)
   adapter = core.from_state_dict(state, template, source=os.path.join(folder, ADAPTER_WEIGHTS), extra=extra)
   params = dict(params)

@@ -25,21 +25,29 @@ import json
 import math
 import os
 import re
+import tempfile
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Optional, Union
 
+import numpy as np
 from absl import logging
 
 __all__ = [
   "CONFIG_NAME",
   "PEFT_METHOD_TYPES",
   "TASK_TYPES",
+  "ConfigTypeError",
+  "FileMissingError",
   "FrozenDict",
   "InvalidConfigError",
+  "JpeftError",
   "LoraConfig",
   "PeftConfig",
   "UnsupportedConfigError",
   "config_from_dict",
+  "config_json",
   "config_to_dict",
   "get_config_class",
   "get_pattern_key",
@@ -117,12 +125,36 @@ TASK_TYPES: tuple[str, ...] = (
 )
 
 
-class UnsupportedConfigError(ValueError):
+class JpeftError(ValueError):
+  """The base of every error jpeft raises for bad input; a ``ValueError``.
+
+  The hierarchy (each message names the field, key, module, tensor or file at fault)::
+
+      JpeftError (ValueError)
+      ├── InvalidConfigError            a config PEFT would refuse, or a file that is not an adapter config
+      │   └── ConfigTypeError           a config field of the wrong type (also a TypeError)
+      ├── UnsupportedConfigError        a valid PEFT config using a feature jpeft does not implement
+      ├── FileMissingError              an adapter file that is not there (also a FileNotFoundError)
+      ├── jpeft.targets.TargetError     target modules that match nothing, or modules the method cannot adapt
+      ├── jpeft.core.AdapterCheckpointError    adapter tensors that do not fit the config or the model
+      └── jpeft.models.loading.CheckpointError model weights that do not fit the model config
+  """
+
+
+class InvalidConfigError(JpeftError):
+  """A config that PEFT would refuse, or a config file / dict that cannot be read as a PEFT adapter config."""
+
+
+class ConfigTypeError(InvalidConfigError, TypeError):
+  """A config field whose value has the wrong type (also a ``TypeError``)."""
+
+
+class UnsupportedConfigError(JpeftError):
   """A valid PEFT config that uses a feature jpeft does not implement."""
 
 
-class InvalidConfigError(ValueError):
-  """A config file or dict that cannot be read as a PEFT adapter config at all."""
+class FileMissingError(JpeftError, FileNotFoundError):
+  """A file jpeft needs (an adapter config, adapter weights) that does not exist (also a ``FileNotFoundError``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,6 +235,8 @@ def _freeze(value: Any) -> Any:
   """Turns JSON-like values into hashable ones: list/tuple -> tuple, set -> sorted tuple, dict -> FrozenDict."""
   if isinstance(value, enum.Enum):
     return value.value
+  if isinstance(value, np.generic):  # numpy scalars (np.int64(8), np.float32(0.1)) as Python numbers
+    return value.item()
   if isinstance(value, FrozenDict):
     return value
   if isinstance(value, Mapping):
@@ -280,6 +314,11 @@ def get_config_class(peft_type: str) -> type["PeftConfig"]:
   if cls is not None:
     return cls
   supported = ", ".join(registered_peft_types()) or "(none)"
+  if isinstance(peft_type, str) and peft_type != peft_type.upper() and peft_type.upper() in PEFT_METHOD_TYPES:
+    raise UnsupportedConfigError(
+      f"Unknown peft_type {peft_type!r}: PEFT's peft_type values are upper case (did you mean "
+      f"{peft_type.upper()!r}?). Supported peft_type values: {supported}."
+    )
   if peft_type in PEFT_METHOD_TYPES:
     raise UnsupportedConfigError(
       f"peft_type {peft_type!r} is a PEFT method that is not (yet) implemented in jpeft. "
@@ -298,6 +337,128 @@ def get_config_class(peft_type: str) -> type["PeftConfig"]:
 
 def _is_truthy(value: Any) -> bool:
   return bool(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field type checks (from the dataclass annotations)
+# ---------------------------------------------------------------------------------------------------------------
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_UNION_TYPES = (Union, types.UnionType)  # Optional[X] and X | None
+_TYPE_HINTS: dict[type, Optional[dict[str, Any]]] = {}
+
+
+def _field_types(cls: type) -> Optional[dict[str, Any]]:
+  """The evaluated annotations of a config class (None when they cannot be evaluated: then nothing is checked)."""
+  if cls not in _TYPE_HINTS:
+    try:
+      _TYPE_HINTS[cls] = typing.get_type_hints(cls)
+    except Exception:  # an annotation naming something out of scope: skip the type check for this class
+      _TYPE_HINTS[cls] = None
+  return _TYPE_HINTS[cls]
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+  """Whether a (frozen) value fits an annotation: bool is not an int, an int is a float, a dict is a FrozenDict."""
+  if tp is Any:
+    return True
+  if tp is type(None) or tp is None:
+    return value is None
+  origin = typing.get_origin(tp)
+  if origin in _UNION_TYPES:
+    return any(_conforms(value, t) for t in typing.get_args(tp))
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, tuple):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_conforms(v, args[0]) for v in value)
+    return len(value) == len(args) and all(_conforms(v, t) for v, t in zip(value, args))
+  # values are frozen: a list arrives as a tuple, a dict as a FrozenDict
+  if origin in (list, set, frozenset) or tp in (list, set, frozenset):
+    args = typing.get_args(tp)
+    return isinstance(value, tuple) and (not args or all(_conforms(v, args[0]) for v in value))
+  if origin in (dict, Mapping) or tp in (dict, Mapping):
+    return isinstance(value, Mapping)
+  if origin is not None:
+    return isinstance(value, origin)
+  if tp is bool:
+    return isinstance(value, bool)
+  if tp is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if tp is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(tp, type):
+    return isinstance(value, tp)
+  return True
+
+
+def _describe_type(tp: Any, plural: bool = False) -> str:
+  """An annotation in words, as a JSON user reads it: ``Optional[tuple[str, ...]]`` -> "a list of strings or null"."""
+  if tp is Any:
+    return "anything"
+  if tp is type(None) or tp is None:
+    return "null"
+  origin = typing.get_origin(tp)
+  if origin in _UNION_TYPES:
+    args = typing.get_args(tp)
+    if int in args and float in args:
+      args = (float,) + tuple(t for t in args if t not in (int, float))
+    parts = [_describe_type(t, plural) for t in args if t is not type(None)]
+    if type(None) in args:
+      parts.append("null")
+    return " or ".join(dict.fromkeys(parts))
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return ("lists of " if plural else "a list of ") + _describe_type(args[0], plural=True)
+    if len(set(args)) == 1:
+      return ("lists of " if plural else "a list of ") + f"{len(args)} " + _describe_type(args[0], plural=True)
+    return ("lists of " if plural else "a list of ") + f"({', '.join(_describe_type(a) for a in args)})"
+  if origin in (list, set, frozenset) and typing.get_args(tp):
+    return ("lists of " if plural else "a list of ") + _describe_type(typing.get_args(tp)[0], plural=True)
+  if origin in (dict, Mapping) or tp in (dict, Mapping):
+    return "dicts" if plural else "a dict"
+  singular = {bool: "true or false", int: "an integer", float: "a number", str: "a string", FrozenDict: "a dict"}
+  many = {bool: "booleans", int: "integers", float: "numbers", str: "strings", FrozenDict: "dicts"}
+  if tp in singular:
+    return many[tp] if plural else singular[tp]
+  name = getattr(tp, "__name__", str(tp))
+  return f"{name} values" if plural else f"a {name}"
+
+
+def _type_name(value: Any) -> str:
+  names = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a float",
+    str: "a string",
+    tuple: "a list",
+    FrozenDict: "a dict",
+    type(None): "null",
+  }
+  return names.get(type(value), type(value).__name__)
+
+
+def _check_regex(field: str, pattern: str, regex: Optional[str] = None) -> None:
+  """Raise :class:`InvalidConfigError` naming ``field`` if ``regex`` (default: ``pattern``) does not compile."""
+  for candidate in (pattern, regex):
+    if candidate is None:
+      continue
+    try:
+      re.compile(candidate)
+    except re.error as e:
+      raise InvalidConfigError(f"`{field}`: {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _check_finite_number(field: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigTypeError(f"`{field}` must be a number, got {_show(value)} ({_type_name(value)})")
+  if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+    raise InvalidConfigError(
+      f"`{field}` must be a finite number within float32's range (|x| <= {_FLOAT32_MAX:.3g}), got {value!r}: "
+      f"the LoRA scaling would be inf or NaN"
+    )
 
 
 def _is_not_none(value: Any) -> bool:
@@ -341,6 +502,7 @@ class PeftConfig:
       if frozen is not value:
         object.__setattr__(self, f.name, frozen)
     self._check_peft_type()
+    self._check_types()
     self._check_common()
     self.validate()
     self._check_unsupported()
@@ -362,33 +524,64 @@ class PeftConfig:
     if self.peft_type is None:
       self._set("peft_type", expected)
     elif self.peft_type != expected:
-      raise ValueError(f"{type(self).__name__} has peft_type {expected!r}, got {self.peft_type!r}")
+      raise InvalidConfigError(f"{type(self).__name__} has peft_type {expected!r}, got {_show(self.peft_type)}")
+
+  def _check_types(self) -> None:
+    """Every field against its annotation; the error names the field, the expected type and the value."""
+    hints = _field_types(type(self))
+    if hints is None:
+      return
+    for f in dataclasses.fields(self):
+      tp = hints.get(f.name)
+      if tp is None or f.name == "peft_type":
+        continue
+      value = getattr(self, f.name)
+      if not _conforms(value, tp):
+        raise ConfigTypeError(
+          f"{self.peft_type} config field `{f.name}` must be {_describe_type(tp)}, got {_show(value)} "
+          f"({_type_name(value)})"
+        )
 
   def _check_common(self) -> None:
     if self.task_type is not None and self.task_type not in TASK_TYPES:
-      raise ValueError(
-        f"Invalid task type: '{self.task_type}'. Must be one of the following task types: {', '.join(TASK_TYPES)}."
+      raise InvalidConfigError(
+        f"Invalid task type: '{self.task_type}' (`task_type`). Must be one of the following task types: "
+        f"{', '.join(TASK_TYPES)}."
       )
     for name in ("target_modules", "exclude_modules"):
       value = getattr(self, name)
       if value is not None and not isinstance(value, (str, tuple)):
-        raise TypeError(f"`{name}` must be a str, a list of str or None, got {value!r}")
+        raise ConfigTypeError(f"`{name}` must be a str, a list of str or None, got {_show(value)}")
       if isinstance(value, tuple) and not all(isinstance(v, str) for v in value):
-        raise TypeError(f"`{name}` must contain only strings, got {_show(value)}")
+        raise ConfigTypeError(f"`{name}` must contain only strings, got {_show(value)}")
+      if isinstance(value, str):  # PEFT re.fullmatch-es a str against every module name
+        _check_regex(name, value)
     ltt = self.layers_to_transform
     if ltt is not None:
       items = ltt if isinstance(ltt, tuple) else (ltt,)
       if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise TypeError(f"`layers_to_transform` must be an int or a list of ints, got {_show(ltt)}")
+        raise ConfigTypeError(f"`layers_to_transform` must be an int or a list of ints, got {_show(ltt)}")
+    if self.layers_pattern is not None:
+      patterns = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
+      if not isinstance(patterns, tuple) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigTypeError(f"`layers_pattern` must be a str or a list of str, got {_show(self.layers_pattern)}")
+      for p in patterns:  # PEFT matches rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\."
+        _check_regex("layers_pattern", p, rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
     if self.modules_to_save is not None:
       if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
-        raise TypeError(f"`modules_to_save` must be a list of str, got {_show(self.modules_to_save)}")
+        raise ConfigTypeError(f"`modules_to_save` must be a list of str, got {_show(self.modules_to_save)}")
+      if any(not m for m in self.modules_to_save):  # "" would select every module (PEFT then fails on a ModuleList)
+        raise InvalidConfigError(
+          f"`modules_to_save` entries must be non-empty module names, got {_show(self.modules_to_save)}"
+        )
+      for m in self.modules_to_save:  # PEFT keeps targets out of modules_to_save with rf"(^|.*\.){m}($|\..*)"
+        _check_regex("modules_to_save", m, rf"(^|.*\.){m}($|\..*)")
     if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-      raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+      raise InvalidConfigError("`layers_to_transform` cannot be used when `target_modules` is a str.")
     if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-      raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+      raise InvalidConfigError("`layers_pattern` cannot be used when `target_modules` is a str.")
     if self.layers_pattern and self.layers_to_transform is None:
-      raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+      raise InvalidConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
 
   def _check_unsupported(self) -> None:
     for name, is_active in type(self).unsupported_fields.items():
@@ -452,7 +645,7 @@ class LoraConfig(PeftConfig):
   megatron_config: Optional[FrozenDict] = None
   megatron_core: Optional[str] = "megatron.core"
   trainable_token_indices: Optional[Union[tuple[int, ...], FrozenDict]] = None
-  loftq_config: FrozenDict = FrozenDict()
+  loftq_config: Optional[FrozenDict] = FrozenDict()  # PEFT treats null as {}
   eva_config: Optional[FrozenDict] = None
   corda_config: Optional[FrozenDict] = None
   lora_ga_config: Optional[FrozenDict] = None
@@ -493,33 +686,48 @@ class LoraConfig(PeftConfig):
   def validate(self) -> None:
     r = self.r
     if isinstance(r, bool) or not isinstance(r, int):
-      raise TypeError(f"`r` should be an int, got {r!r}")
+      raise ConfigTypeError(f"`r` should be an int, got {_show(r)} ({_type_name(r)})")
     if r <= 0:
-      raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-    if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-      raise TypeError(f"`lora_alpha` should be a number, got {self.lora_alpha!r}")
-    if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout <= 1.0:
-      raise ValueError(f"dropout probability has to be between 0 and 1, but got {self.lora_dropout}")
+      raise InvalidConfigError(f"`r` should be a positive integer value but the value passed is {r}")
+    _check_finite_number("lora_alpha", self.lora_alpha)
+    self._check_dropout()
     if self.bias not in ("none", "all", "lora_only"):
-      raise ValueError(f"Requested bias: {self.bias}, is not implemented (use 'none', 'all' or 'lora_only').")
+      raise InvalidConfigError(
+        f"Requested bias: {_show(self.bias)}, is not implemented (`bias` must be 'none', 'all' or 'lora_only')."
+      )
     for name in ("rank_pattern", "alpha_pattern"):
       value = getattr(self, name)
       if value is None:
         self._set(name, FrozenDict())
       elif not isinstance(value, FrozenDict):
-        raise TypeError(f"`{name}` must be a dict, got {value!r}")
+        raise ConfigTypeError(f"`{name}` must be a dict, got {_show(value)}")
+      for key, v in getattr(self, name).items():
+        if not isinstance(key, str):
+          raise ConfigTypeError(f"`{name}` keys must be strings (module name patterns), got {key!r}")
+        _check_regex(name, key, rf"(.*\.)?({key})$")  # get_pattern_key's match
+        if name == "rank_pattern":
+          if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigTypeError(f"`rank_pattern`[{key!r}] must be an integer rank, got {_show(v)} ({_type_name(v)})")
+          if v <= 0:
+            raise InvalidConfigError(
+              f"`rank_pattern`[{key!r}]: `r` should be a positive integer value but the value passed is {v}"
+            )
+        else:
+          _check_finite_number(f"alpha_pattern[{key!r}]", v)
     if isinstance(self.target_parameters, str):
-      raise TypeError("`target_parameters` must be a list of strings or None.")
+      raise ConfigTypeError("`target_parameters` must be a list of strings or None.")
     if self.use_dora and self.megatron_config:
-      raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
+      raise InvalidConfigError(
+        "DoRA does not support megatron_core (`megatron_config` is set), please set `use_dora=False`."
+      )
     if self.lora_bias:
       if self.init_lora_weights not in (True, False):
-        raise ValueError(
+        raise InvalidConfigError(
           f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
           f"init_lora_weights={self.init_lora_weights} instead."
         )
       if self.use_dora:
-        raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        raise InvalidConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
     if self.fan_in_fan_out:
       # PEFT does the same for nn.Linear targets (every Llama-like target); only GPT-2 style Conv1D layers
       # use fan_in_fan_out=True, and jpeft has none.
@@ -530,12 +738,30 @@ class LoraConfig(PeftConfig):
     self._check_init_lora_weights()
     self._check_init_sub_configs()
 
+  def _check_dropout(self) -> None:
+    p = self.lora_dropout
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+      raise ConfigTypeError(f"`lora_dropout` must be a number in [0, 1), got {_show(p)} ({_type_name(p)})")
+    if not 0.0 <= p < 1.0:  # also refuses NaN
+      why = (
+        "a dropout of 1 zeroes every input of the adapter, so nothing trains (and the kept inputs' rescaling "
+        "1 / (1 - p) divides by zero, giving NaN gradients)"
+        if p == 1.0
+        else "it is a probability"
+      )
+      raise InvalidConfigError(
+        f"`lora_dropout` (the dropout probability) has to be in [0, 1), i.e. 0 <= lora_dropout < 1, but got {p!r}: "
+        f"{why}."
+      )
+
   def _check_init_lora_weights(self) -> None:
     init = self.init_lora_weights
     if isinstance(init, bool):
       return
     if not isinstance(init, str):
-      raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+      raise ConfigTypeError(
+        f"Unknown initialization init_lora_weights={init!r} (`init_lora_weights` is a bool or a str)"
+      )
     lowered = init.lower()
     if lowered in ("gaussian", "olora"):
       self._set("init_lora_weights", lowered)
@@ -548,11 +774,16 @@ class LoraConfig(PeftConfig):
         f"{self.peft_type} config field `init_lora_weights`={init!r} is not supported by jpeft "
         f"(supported: True, False, {', '.join(repr(s) for s in _SUPPORTED_LORA_INITS)})."
       )
-    raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+    raise InvalidConfigError(
+      f"Unknown initialization init_lora_weights={init!r} (`init_lora_weights` must be true, false or one of "
+      f"{', '.join(repr(s) for s in _SUPPORTED_LORA_INITS)})"
+    )
 
   def _check_init_sub_configs(self) -> None:
     # The init sub-configs only matter together with their init_lora_weights value, which is refused above;
     # otherwise PEFT ignores them (and resets loftq_config to {}), and so does jpeft.
+    if self.loftq_config is None:
+      self._set("loftq_config", FrozenDict())
     if self.loftq_config:
       logging.warning("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
       self._set("loftq_config", FrozenDict())
@@ -586,10 +817,15 @@ def config_from_dict(d: Mapping[str, Any]) -> PeftConfig:
     raise InvalidConfigError(
       "The adapter config has no `peft_type` key (the one key PEFT requires); cannot tell which method it is."
     )
-  cls = get_config_class(d["peft_type"])
+  peft_type = _freeze(d["peft_type"])
+  if not isinstance(peft_type, str):
+    raise ConfigTypeError(
+      f"`peft_type` must be a string such as 'LORA', got {_show(peft_type)} ({_type_name(peft_type)})"
+    )
+  cls = get_config_class(peft_type)
   known = {f.name for f in dataclasses.fields(cls)} - cls.peft_absent_fields
   kwargs = {k: v for k, v in d.items() if k in known}
-  unknown = sorted(k for k in d if k not in known)
+  unknown = sorted((k for k in d if k not in known), key=str)
   if unknown:
     logging.warning(
       f"Unexpected keys {unknown} for {cls.__name__}; they are ignored. The config was probably written by a "
@@ -611,41 +847,78 @@ def _installed_peft_version() -> str:
     return DEFAULT_PEFT_VERSION
 
 
-def save_config(config: PeftConfig, folder: Union[str, os.PathLike]) -> str:
-  """Writes ``folder/adapter_config.json`` as ``PeftModel.save_pretrained`` does; returns the file path."""
-  folder = os.fspath(folder)
-  if os.path.isfile(folder):
-    raise ValueError(f"Provided path ({folder}) should be a directory, not a file")
-  os.makedirs(folder, exist_ok=True)
+def config_json(config: PeftConfig) -> str:
+  """The text of ``adapter_config.json`` as ``PeftModel.save_pretrained`` writes it (inference_mode true)."""
   output = config_to_dict(config)
   output["inference_mode"] = True
   if output.get("peft_version") is None:
     output["peft_version"] = _installed_peft_version()
+  return json.dumps(output, indent=2, sort_keys=True)
+
+
+def save_config(config: PeftConfig, folder: Union[str, os.PathLike]) -> str:
+  """Writes ``folder/adapter_config.json`` as ``PeftModel.save_pretrained`` does; returns the file path.
+
+  The file is written to a temporary name and renamed, so an existing config is replaced whole or not at all.
+  """
+  folder = os.fspath(folder)
+  if os.path.isfile(folder):
+    raise InvalidConfigError(f"Provided path ({folder}) should be a directory, not a file")
+  text = config_json(config)
+  os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, CONFIG_NAME)
-  with open(path, "w") as f:
-    f.write(json.dumps(output, indent=2, sort_keys=True))
+  write_atomic(path, text.encode())
   return path
 
 
+def write_atomic(path: str, data: bytes) -> None:
+  """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``: a reader (or a crash)
+  sees the old file or the new one, never half of one."""
+  tmp = temp_path_for(path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def temp_path_for(path: str) -> str:
+  """A fresh, hidden file name in ``path``'s folder (so that ``os.replace`` onto ``path`` is atomic)."""
+  folder, name = os.path.split(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+  os.close(fd)
+  return tmp
+
+
 def load_config(path: Union[str, os.PathLike]) -> PeftConfig:
-  """Reads an adapter config from a folder (its ``adapter_config.json``) or from a JSON file path."""
+  """Reads an adapter config from a folder (its ``adapter_config.json``) or from a JSON file path.
+
+  Raises :class:`FileMissingError` (a ``FileNotFoundError``) when there is no config file, and otherwise a
+  :class:`JpeftError` whose message starts with the file's path.
+  """
   path = os.fspath(path)
   file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
   if not os.path.isfile(file):
     if os.path.isdir(path):
-      raise FileNotFoundError(f"No {CONFIG_NAME} in folder {path!r} (looked for {file!r})")
-    raise FileNotFoundError(f"Adapter config not found: {file!r}")
+      raise FileMissingError(f"No {CONFIG_NAME} in folder {path!r} (looked for {file!r})")
+    raise FileMissingError(f"Adapter config not found: {file!r}")
   try:
-    with open(file) as f:
+    with open(file, encoding="utf-8") as f:
       data = json.load(f)
   except json.JSONDecodeError as e:
-    raise InvalidConfigError(f"{file}: invalid JSON ({e})") from e
+    raise InvalidConfigError(f"{file}: invalid JSON ({e})") from None
+  except UnicodeDecodeError as e:
+    raise InvalidConfigError(f"{file}: not a UTF-8 JSON text ({e})") from None
+  except RecursionError:
+    raise InvalidConfigError(f"{file}: invalid JSON (nested too deeply)") from None
   if not isinstance(data, dict):
     raise InvalidConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
   try:
     return config_from_dict(data)
-  except InvalidConfigError as e:
-    raise InvalidConfigError(f"{file}: {e}") from e
+  except JpeftError as e:
+    raise type(e)(f"{file}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -677,12 +950,14 @@ def resolve_rank_alpha(config: PeftConfig, module_name: str) -> tuple[int, Union
   r = resolve_pattern(getattr(config, "rank_pattern", None), module_name, config.r)  # type: ignore[attr-defined]
   alpha = resolve_pattern(getattr(config, "alpha_pattern", None), module_name, base_alpha)
   if r <= 0:
-    raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+    raise InvalidConfigError(
+      f"{module_name}: `r` should be a positive integer value but the value passed is {r} (after rank_pattern)"
+    )
   return r, alpha
 
 
 def lora_scaling(r: int, alpha: Union[int, float], use_rslora: bool = False) -> float:
   """LoRA's scaling: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``."""
   if r <= 0:
-    raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+    raise InvalidConfigError(f"`r` should be a positive integer value but the value passed is {r}")
   return alpha / math.sqrt(r) if use_rslora else alpha / r

@@ -24,10 +24,12 @@ and the PEFT key of a tensor is ``base_model.model.<module>.<tensor>`` (``base_m
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from jpeft import config as config_lib
@@ -39,6 +41,10 @@ Adapter = dict  # {module name: {tensor name: array}}
 SHARED = "__shared__"
 PEFT_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
+
+
+class AdapterCheckpointError(config_lib.JpeftError):
+  """An adapter (a checkpoint file or an adapter pytree) that does not fit its config or the model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,8 @@ class Method:
     prepare_base: optional ``(spec, tensors, config) -> new base weight`` for methods that rewrite the base
       at init (PiSSA/OLoRA residuals); re-run when a checkpoint is loaded, as PEFT does.
     frozen_tensors: names of adapter tensors that are saved but never trained.
+    supported_kinds: the module kinds (``jpeft.models.llama.module_kinds``) the method can adapt; a target of
+      another kind is refused by name (PEFT: LoRA adapts ``nn.Linear`` and ``nn.Embedding``, not norms).
   """
 
   peft_type: str
@@ -74,6 +82,7 @@ class Method:
   init_shared: Callable[..., dict] | None = None
   prepare_base: Callable[..., Any] | None = None
   frozen_tensors: tuple[str, ...] = ()
+  supported_kinds: tuple[str, ...] = ("linear",)
 
 
 _METHODS: dict[str, Method] = {}
@@ -98,15 +107,25 @@ def get_method(peft_type: str) -> Method:
 
 
 def resolve(config, model_config: LlamaConfig) -> targets_lib.TargetResolution:
-  """PEFT's matching rules on this model; logs what matched, raises when nothing does."""
-  return targets_lib.resolve_targets(config, module_kinds(model_config), model_config.model_type)
+  """PEFT's matching rules on this model; logs what matched.
+
+  Needs only the model's config (module names and kinds), never its weights, so it can run before loading.
+
+  Raises:
+    targets.NoMatchingTargetsError: nothing matched.
+    targets.UnsupportedTargetError: a matched module is of a kind the method cannot adapt (a norm for LoRA).
+  """
+  method = get_method(config.peft_type)
+  return targets_lib.resolve_targets(
+    config, module_kinds(model_config), model_config.model_type, supported_kinds=method.supported_kinds
+  )
 
 
 def _module_spec(params, name: str, kind: str, model_config: LlamaConfig) -> ModuleSpec:
   if name == "lm_head" and "lm_head.weight" not in params:  # tied head
     return ModuleSpec(name, kind, base_array(params["model.embed_tokens.weight"]))
   if name + ".weight" not in params:
-    raise ValueError(f"module {name!r} has no weight in the model params")
+    raise targets_lib.TargetError(f"target module {name!r} has no weight {name + '.weight'!r} in the model params")
   return ModuleSpec(name, kind, base_array(params[name + ".weight"]), params.get(name + ".bias"))
 
 
@@ -192,20 +211,55 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None):
         out[f"{name}.{suffix}"] = value
       continue
     kind = module_kind(name)
-    weight = (
-      params["model.embed_tokens.weight"]
-      if (name == "lm_head" and "lm_head.weight" not in params)
-      else params[name + ".weight"]
-    )
-    spec = ModuleSpec(name, kind, weight, params.get(name + ".bias"))
+    if kind not in method.supported_kinds:
+      raise targets_lib.UnsupportedTargetError(
+        f"the adapter adapts {name!r}, a {targets_lib.describe_kind(kind)} layer, which {config.peft_type} does "
+        f"not support. Currently, only the following modules are supported: "
+        f"{', '.join(targets_lib.describe_kind(k) for k in method.supported_kinds)}."
+      )
+    tied_head = name == "lm_head" and "lm_head.weight" not in params
+    weight_key = "model.embed_tokens.weight" if tied_head else name + ".weight"
+    if weight_key not in params:
+      raise AdapterCheckpointError(f"the adapter adapts {name!r}, but the model params have no {weight_key!r}")
+    spec = ModuleSpec(name, kind, params[weight_key], params.get(name + ".bias"))
     for suffix, entry in method.adapt_module(spec, tensors, config, shared, r).items():
       out[f"{name}.{suffix}"] = entry
   return out
 
 
-def module_kind(name: str) -> str:
-  """The kind of a targetable module from its Llama name (embeddings are the ``embed_tokens`` modules)."""
-  return "embedding" if name.endswith("embed_tokens") else "linear"
+def _layer_template() -> dict[str, str]:
+  one_layer = LlamaConfig(
+    vocab_size=1,
+    hidden_size=1,
+    intermediate_size=1,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=1,
+  )
+  return module_kinds(one_layer)
+
+
+_KINDS_OF_ONE_LAYER = _layer_template()
+
+
+def module_kind(name: str, model_config: LlamaConfig | None = None) -> str:
+  """The real kind of a module (``jpeft.models.llama.module_kinds``): linear, embedding or norm.
+
+  Without ``model_config`` the layer index is not checked against the model's depth (every Llama has the same
+  modules in every layer). A name that is no Llama module raises :class:`AdapterCheckpointError`.
+  """
+  if model_config is not None:
+    kinds = module_kinds(model_config)
+    if name in kinds:
+      return kinds[name]
+  else:
+    kind = _KINDS_OF_ONE_LAYER.get(re.sub(r"^model\.layers\.\d+\.", "model.layers.0.", name))
+    if kind is not None:
+      return kind
+  raise AdapterCheckpointError(
+    f"{name!r} is not a module of the Llama model (modules look like 'model.layers.0.self_attn.q_proj')"
+  )
 
 
 def _modules_to_save(adapter, config):
@@ -224,11 +278,13 @@ def merge(params, adapter: Adapter, config):
   The input ``params`` are not modified: they remain the un-merged base (that is "disable" and
   "unmerge" in a functional library).
   """
-  merged = materialize(apply(params, adapter, config))
-  if "lm_head.weight" not in params and hasattr(
-    params_entry := apply(params, adapter, config).get("model.embed_tokens.weight"), "materialize"
-  ):
-    merged["lm_head.weight"] = base_array(params_entry)  # a tied head keeps reading the base embedding
+  adapted = apply(params, adapter, config)
+  merged = materialize(adapted)
+  embedding = adapted.get("model.embed_tokens.weight")
+  if "lm_head.weight" not in params and "lm_head.weight" not in merged and hasattr(embedding, "materialize"):
+    # a tied head keeps reading the base embedding (unless the adapter gives the head its own weight: a
+    # modules_to_save copy or a LoRA on lm_head)
+    merged["lm_head.weight"] = base_array(embedding)
   return {k: v.astype(params[k].dtype) if k in params else v for k, v in merged.items()}
 
 
@@ -323,16 +379,19 @@ def describe_key_mismatch(expected, given, *, limit: int | None = None) -> str |
 def from_state_dict(
   state: Mapping[str, Any], like: Adapter, *, source: str = "state dict", extra: Mapping[str, Any] = ()
 ) -> Adapter:
-  """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise.
+  """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise, and so do
+  tensors of a non-float dtype or holding NaN/inf (:func:`check_tensor`), each error naming the key.
 
   ``extra``: further keys the file may hold (the embedding base layers), checked for shape and skipped.
   """
   expected = {peft_key(m, t): (m, t, v) for m, ts in like.items() for t, v in ts.items()}
   for key, ref in dict(extra).items():
-    if key in state and tuple(state[key].shape) != tuple(ref.shape):
-      raise AdapterCheckpointError(
-        f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has {tuple(ref.shape)}"
-      )
+    if key in state:
+      check_tensor(state[key], key, source)
+      if tuple(state[key].shape) != tuple(ref.shape):
+        raise AdapterCheckpointError(
+          f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, the model has {tuple(ref.shape)}"
+        )
   state = {k: v for k, v in state.items() if k not in dict(extra)}
   mismatch = describe_key_mismatch(expected, state, limit=4)
   if mismatch:
@@ -340,6 +399,7 @@ def from_state_dict(
   out: Adapter = {}
   for key, (m, t, ref) in expected.items():
     value = state[key]
+    check_tensor(value, key, source, floating=jnp.issubdtype(ref.dtype, jnp.floating))
     if tuple(value.shape) != tuple(ref.shape):
       raise AdapterCheckpointError(
         f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(ref.shape)}"
@@ -348,5 +408,28 @@ def from_state_dict(
   return out
 
 
-class AdapterCheckpointError(ValueError):
-  """An adapter checkpoint that does not fit its config or the model."""
+def check_tensor(value, key: str, source: str, *, floating: bool = True) -> None:
+  """An adapter tensor must be a numeric array, floating point unless ``floating=False``, and finite.
+
+  Raises :class:`AdapterCheckpointError` naming the tensor and the source: an integer or boolean tensor where
+  the adapter has floats would be silently cast, and a NaN or inf one makes every output of the adapted model NaN.
+  """
+  if not hasattr(value, "dtype") or not hasattr(value, "shape"):
+    raise AdapterCheckpointError(f"{source}: tensor {key!r} is not an array (got {type(value).__name__})")
+  try:
+    dtype = jnp.dtype(value.dtype)
+  except TypeError:
+    dtype = np.dtype(object)
+  is_float = jnp.issubdtype(dtype, jnp.floating)
+  if floating and not is_float:
+    raise AdapterCheckpointError(
+      f"{source}: tensor {key!r} has dtype {dtype.name}; adapter tensors are floating point "
+      f"(float32, bfloat16, float16 or float64)"
+    )
+  if not (is_float or jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
+    raise AdapterCheckpointError(f"{source}: tensor {key!r} has dtype {dtype.name}, which is not a numeric dtype")
+  if is_float:
+    finite = np.isfinite(np.asarray(value).astype(np.float32))
+    if not finite.all():
+      bad = int(finite.size - finite.sum())
+      raise AdapterCheckpointError(f"{source}: tensor {key!r} holds {bad} NaN or infinite value(s) of {finite.size}")

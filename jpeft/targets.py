@@ -26,10 +26,16 @@ from typing import Optional, Union
 
 from absl import logging
 
+from jpeft.config import JpeftError
+
 __all__ = [
   "AllTargetsExcludedError",
+  "ConflictingTargetsError",
   "INCLUDE_LINEAR_LAYERS_SHORTHAND",
+  "KIND_DESCRIPTIONS",
+  "MODULE_TARGETING_PEFT_TYPES",
   "NoMatchingTargetsError",
+  "TargetError",
   "TargetResolution",
   "UnsupportedTargetError",
   "default_feedforward_modules",
@@ -48,7 +54,19 @@ INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 _SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
-class NoMatchingTargetsError(ValueError):
+# What each module kind is in transformers' terms (for error messages).
+KIND_DESCRIPTIONS = {
+  "linear": "linear (torch.nn.Linear)",
+  "embedding": "embedding (torch.nn.Embedding)",
+  "norm": "norm (RMSNorm)",
+}
+
+
+class TargetError(JpeftError):
+  """The config's targeting does not fit the model (no default target modules for it, no match, a bad kind)."""
+
+
+class NoMatchingTargetsError(TargetError):
   """The config's target_modules matched no module of the model."""
 
 
@@ -56,8 +74,16 @@ class AllTargetsExcludedError(NoMatchingTargetsError):
   """Every module matched by target_modules was excluded (by exclude_modules or modules_to_save)."""
 
 
-class UnsupportedTargetError(ValueError):
+class UnsupportedTargetError(TargetError):
   """A module was matched whose kind the method cannot adapt (e.g. a norm for LoRA)."""
+
+
+class ConflictingTargetsError(TargetError):
+  """A module both adapted (target_modules) and fully copied (modules_to_save); PEFT refuses it too."""
+
+
+def describe_kind(kind: str) -> str:
+  return KIND_DESCRIPTIONS.get(kind, kind)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,6 +132,10 @@ _DEFAULT_TARGET_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
 }  # fmt: skip
 
 _DEFAULT_IA3_FEEDFORWARD_MODULES: dict[str, tuple[str, ...]] = _same_for(("down_proj",))
+
+# The PEFT methods that adapt modules chosen by ``target_modules`` with exactly these rules (PEFT's BaseTuner
+# methods with a default table); prompt-learning methods and ADAPTION_PROMPT use target_modules otherwise.
+MODULE_TARGETING_PEFT_TYPES: frozenset[str] = frozenset(_DEFAULT_TARGET_MODULES)
 
 
 def default_target_modules(
@@ -226,7 +256,7 @@ def _effective_target_modules(
     if spec is None:
       spec = default_target_modules(config.peft_type, model_type, module_kinds)
     if spec is None:
-      raise ValueError(
+      raise TargetError(
         f"Please specify `target_modules` in the config: jpeft has no default target modules for "
         f"peft_type {config.peft_type!r} and model_type {model_type!r}."
       )
@@ -298,6 +328,9 @@ def resolve_targets(
 
   Raises:
       NoMatchingTargetsError: no module matched (:class:`AllTargetsExcludedError` if all matches were excluded).
+      UnsupportedTargetError: a matched module's kind is not in ``supported_kinds``.
+      ConflictingTargetsError: a module is both a target and a ``modules_to_save`` copy (PEFT refuses it too).
+      TargetError: ``target_modules`` is None and there is no default for this method and model type.
   """
   spec = _effective_target_modules(config, module_kinds, model_type, default_targets, output_embedding)
   exclude = getattr(config, "exclude_modules", None)
@@ -340,13 +373,25 @@ def resolve_targets(
   if supported_kinds is not None:
     bad = [k for k in targets if module_kinds[k] not in supported_kinds]
     if bad:
+      kinds = sorted({module_kinds[k] for k in bad})
       raise UnsupportedTargetError(
-        f"Target module {bad[0]!r} (kind {module_kinds[bad[0]]!r}) is not supported by "
-        f"{config.peft_type}; supported kinds: {sorted(supported_kinds)}. Matched unsupported modules: "
-        f"{summarize_modules(bad)}"
+        f"Target module {bad[0]!r} is a {describe_kind(module_kinds[bad[0]])} layer, which {config.peft_type} "
+        f"does not support. Currently, only the following modules are supported: "
+        f"{', '.join(describe_kind(k) for k in supported_kinds)}. target_modules={_show_spec(config.target_modules)} "
+        f"matched {len(bad)} module(s) of kind {', '.join(repr(k) for k in kinds)}: {summarize_modules(bad)}."
+        + (" To train a norm in full, list it in `modules_to_save` instead." if "norm" in kinds else "")
       )
 
   saved = resolve_modules_to_save(modules_to_save, module_kinds)
+  both = [k for k in saved if k in targets]
+  if both:
+    # PEFT: "modules_to_save cannot be applied to modules of type <class 'peft.tuners.lora.layer.Linear'>"
+    raise ConflictingTargetsError(
+      f"modules_to_save={list(modules_to_save)!r} selects {len(both)} module(s) that target_modules="
+      f"{_show_spec(config.target_modules)} also adapts, e.g. {both[0]!r} (modules_to_save matches any name that "
+      f"ends with an entry; target_modules skips a module only when an entry is a whole dotted part of its "
+      f"name): {summarize_modules(both)}. A module is either adapted or fully trained, not both."
+    )
   if modules_to_save and not saved:
     logging.warning(f"modules_to_save={list(modules_to_save)!r} matched no module of the model.")
   if exclude and not any(is_excluded(exclude, k) for k in module_kinds):

@@ -11,8 +11,11 @@ import pytest
 
 from jpeft.config import (
   CONFIG_NAME,
+  ConfigTypeError,
+  FileMissingError,
   FrozenDict,
   InvalidConfigError,
+  JpeftError,
   LoraConfig,
   PeftConfig,
   UnsupportedConfigError,
@@ -113,30 +116,55 @@ def test_frozen_dict():
     d["x"] = 1  # type: ignore[index]
 
 
+ACCEPTED_WITHOUT_EFFECT = {
+  "peft_type": "LORA",
+  "task_type": "CAUSAL_LM",
+  "inference_mode": True,
+  "peft_version": "0.17.0",
+  "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M",
+  "revision": "main",
+  "auto_mapping": {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers"},
+  "runtime_config": {"ephemeral_gpu_offload": True},
+  "megatron_core": "megatron.core",
+  "qalora_group_size": 32,
+  "ensure_weight_tying": False,
+}
+
+
 def test_accepted_fields_without_effect():
-  config = config_from_dict(
-    {
-      "peft_type": "LORA",
-      "task_type": "CAUSAL_LM",
-      "inference_mode": True,
-      "peft_version": "0.17.0",
-      "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M",
-      "revision": "main",
-      "auto_mapping": {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers"},
-      "runtime_config": {"ephemeral_gpu_offload": True},
-      "megatron_core": "megatron.core",
-      "qalora_group_size": 32,
-      "ensure_weight_tying": False,
-    }
-  )
-  assert config.task_type == "CAUSAL_LM"
-  assert config.auto_mapping["base_model_class"] == "LlamaForCausalLM"
+  """Fields jpeft reads and keeps but does not act on: every value is kept as given, written back unchanged, and
+  is what PEFT reads from the same dict."""
+  config = config_from_dict(ACCEPTED_WITHOUT_EFFECT)
+  saved = config_to_dict(config)
+  theirs = peft.PeftConfig.from_peft_type(**ACCEPTED_WITHOUT_EFFECT)
+  for key, value in ACCEPTED_WITHOUT_EFFECT.items():
+    assert getattr(config, key) == value, key
+    if key == "runtime_config":  # PEFT does not save it either
+      assert key not in saved
+    else:
+      assert saved[key] == value, key
+    assert _comparable(getattr(theirs, key)) == value, key
+  # the fields not given keep PEFT's defaults
+  default = config_to_dict(LoraConfig())
+  assert {k: v for k, v in saved.items() if k not in ACCEPTED_WITHOUT_EFFECT} == {
+    k: v for k, v in default.items() if k not in ACCEPTED_WITHOUT_EFFECT
+  }
 
 
-@pytest.mark.parametrize("init", [True, False, "gaussian", "Gaussian", "pissa", "olora", "OLoRA"])
+# what each accepted init_lora_weights becomes: jpeft lower-cases the two that PEFT compares case-insensitively
+SUPPORTED_INITS = {True: True, False: False, "gaussian": "gaussian", "Gaussian": "gaussian", "pissa": "pissa"}
+SUPPORTED_INITS.update({"olora": "olora", "OLoRA": "olora"})
+
+
+@pytest.mark.parametrize("init", list(SUPPORTED_INITS), ids=repr)
 def test_supported_inits(init):
   config = LoraConfig(init_lora_weights=init)
-  assert config.init_lora_weights in (True, False, "gaussian", "pissa", "olora")
+  assert config.init_lora_weights is SUPPORTED_INITS[init] or config.init_lora_weights == SUPPORTED_INITS[init]
+  assert type(config.init_lora_weights) is type(SUPPORTED_INITS[init])
+  # PEFT accepts the same value, and treats it the same way (its layers compare the lower-cased string)
+  theirs = peft.LoraConfig(init_lora_weights=init).init_lora_weights
+  assert (theirs.lower() if isinstance(theirs, str) else theirs) == config.init_lora_weights
+  assert config_from_dict(config_to_dict(config)) == config
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -216,6 +244,115 @@ def test_invalid_like_peft(kwargs, message):
   with pytest.raises(ValueError, match=message) as info:
     LoraConfig(**kwargs)
   assert not isinstance(info.value, UnsupportedConfigError)
+
+
+@pytest.mark.parametrize("p", [1.0, 1, 1.0000001, 1.5, -0.1, -1e-9, float("nan"), float("inf")])
+def test_dropout_out_of_range_is_refused(p):
+  with pytest.raises(InvalidConfigError) as info:
+    config_from_dict({"peft_type": "LORA", "lora_dropout": p})
+  message = str(info.value)
+  assert "`lora_dropout`" in message and "0 <= lora_dropout < 1" in message and repr(p) in message
+  if p == 1:  # the reason, for the one value PEFT itself accepts
+    assert "zeroes every input of the adapter, so nothing trains" in message
+
+
+@pytest.mark.parametrize("p", ["0.1", None, True, [0.1], {"p": 0.1}])
+def test_dropout_must_be_a_number(p):
+  with pytest.raises(ConfigTypeError) as info:
+    config_from_dict({"peft_type": "LORA", "lora_dropout": p})
+  assert "`lora_dropout`" in str(info.value) and "number" in str(info.value)
+  assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+@pytest.mark.parametrize("p", [0, 0.0, 1e-12, 0.1, 0.5, 0.9, 0.999999])
+def test_dropout_in_range_is_kept(p):
+  config = config_from_dict({"peft_type": "LORA", "lora_dropout": p})
+  assert config.lora_dropout == p
+  assert config_to_dict(config)["lora_dropout"] == p
+  assert peft.LoraConfig(lora_dropout=p).lora_dropout == p  # PEFT takes the same values
+
+
+@pytest.mark.parametrize(
+  "field,value,words",
+  [
+    ("r", "8", ["`r`", "an integer", "'8'"]),
+    ("r", 8.0, ["`r`", "an integer", "8.0"]),
+    ("lora_alpha", "16", ["`lora_alpha`", "a number"]),
+    ("use_dora", "false", ["`use_dora`", "true or false", "'false'"]),
+    ("use_rslora", 1, ["`use_rslora`", "true or false"]),
+    ("target_modules", 5, ["`target_modules`", "a list of strings or a string or null"]),
+    ("layers_to_transform", "0", ["`layers_to_transform`"]),
+    ("rank_pattern", ["q_proj"], ["`rank_pattern`", "a dict"]),
+    ("layer_replication", [[0]], ["`layer_replication`", "lists of 2 integers"]),
+    ("inference_mode", None, ["`inference_mode`", "null"]),
+  ],
+)
+def test_wrong_types_name_the_field(field, value, words):
+  with pytest.raises(ConfigTypeError) as info:
+    config_from_dict({"peft_type": "LORA", field: value})
+  for word in words:
+    assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize(
+  "kwargs,words",
+  [
+    (dict(lora_alpha=float("nan")), ["`lora_alpha`", "finite"]),
+    (dict(lora_alpha=float("inf")), ["`lora_alpha`", "finite"]),
+    (dict(lora_alpha=1e39), ["`lora_alpha`", "float32"]),
+    (dict(alpha_pattern={"q_proj": float("nan")}), ["alpha_pattern['q_proj']"]),
+    (dict(rank_pattern={"q_proj": 0}), ["`rank_pattern`['q_proj']", "positive integer"]),
+    (dict(rank_pattern={"q_proj": 2.5}), ["`rank_pattern`['q_proj']", "integer rank"]),
+    (dict(rank_pattern={"(": 2}), ["`rank_pattern`", "'('", "regular expression"]),
+    (dict(target_modules="*_proj"), ["`target_modules`", "'*_proj'", "regular expression"]),
+    (dict(exclude_modules="[mlp"), ["`exclude_modules`", "regular expression"]),
+    (dict(modules_to_save=["lm_head("]), ["`modules_to_save`", "regular expression"]),
+    (dict(modules_to_save=[""]), ["`modules_to_save`", "non-empty"]),
+    (dict(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="(x"), ["`layers_pattern`"]),
+    (dict(task_type="causal_lm"), ["`task_type`", "CAUSAL_LM"]),
+    (dict(use_dora=True, megatron_config={"tensor_model_parallel_size": 2}), ["`megatron_config`"]),
+  ],
+)
+def test_invalid_values_name_the_field(kwargs, words):
+  with pytest.raises(InvalidConfigError) as info:
+    config_from_dict({"peft_type": "LORA", **kwargs})
+  for word in words:
+    assert word in str(info.value), (word, str(info.value))
+
+
+def test_peft_type_must_be_an_upper_case_string():
+  with pytest.raises(ConfigTypeError, match="`peft_type` must be a string"):
+    config_from_dict({"peft_type": 5})
+  with pytest.raises(UnsupportedConfigError, match="did you mean 'LORA'"):
+    config_from_dict({"peft_type": "lora"})
+
+
+def test_error_hierarchy():
+  from jpeft import core, targets
+  from jpeft.models import loading
+
+  for cls in (
+    InvalidConfigError,
+    ConfigTypeError,
+    UnsupportedConfigError,
+    FileMissingError,
+    targets.TargetError,
+    targets.NoMatchingTargetsError,
+    targets.UnsupportedTargetError,
+    targets.ConflictingTargetsError,
+    core.AdapterCheckpointError,
+    loading.CheckpointError,
+  ):
+    assert issubclass(cls, JpeftError) and issubclass(cls, ValueError), cls
+  assert issubclass(FileMissingError, FileNotFoundError) and issubclass(ConfigTypeError, TypeError)
+
+
+def test_numpy_scalars_are_plain_numbers():
+  import numpy as np
+
+  config = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8.0), lora_dropout=np.float64(0.1))
+  assert (type(config.r), type(config.lora_alpha), type(config.lora_dropout)) == (int, float, float)
+  assert config == LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.1)
 
 
 @pytest.mark.parametrize(
@@ -309,7 +446,7 @@ def test_load_config_folder_and_file(tmp_path):
 
 
 def test_load_config_missing(tmp_path):
-  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+  with pytest.raises(FileMissingError, match=str(tmp_path)):
     load_config(tmp_path)
   with pytest.raises(FileNotFoundError, match="nope.json"):
     load_config(tmp_path / "nope.json")
@@ -325,6 +462,17 @@ def test_load_config_invalid_json(tmp_path):
   (tmp_path / CONFIG_NAME).write_text('{"r": 4}')
   with pytest.raises(InvalidConfigError, match="peft_type"):
     load_config(tmp_path)
+  (tmp_path / CONFIG_NAME).write_bytes(b'{"peft_type": "LORA", "bias": "n\xf6ne"}')  # latin-1, not UTF-8
+  with pytest.raises(InvalidConfigError, match="UTF-8"):
+    load_config(tmp_path)
+  # every config error of a file names the file, whatever its type
+  for content, error in (
+    ({"peft_type": "LORA", "lora_dropout": 1.0}, InvalidConfigError),
+    ({"peft_type": "VERA"}, UnsupportedConfigError),
+  ):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(content))
+    with pytest.raises(error, match=str(tmp_path / CONFIG_NAME)):
+      load_config(tmp_path)
 
 
 ROUND_TRIP = [

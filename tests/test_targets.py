@@ -19,6 +19,7 @@ from peft.utils import ModulesToSaveWrapper  # noqa: E402
 from jpeft.config import LoraConfig, UnsupportedConfigError, config_from_dict, lora_scaling, resolve_rank_alpha  # noqa: E402
 from jpeft.targets import (  # noqa: E402
   AllTargetsExcludedError,
+  ConflictingTargetsError,
   NoMatchingTargetsError,
   TargetResolution,
   UnsupportedTargetError,
@@ -365,12 +366,68 @@ def test_all_excluded_error(kinds):
 
 def test_unsupported_kind_matches_peft_error(kinds):
   kwargs = dict(target_modules=r".*input_layernorm")
-  assert isinstance(run_peft(kwargs, tied=False), ValueError)
-  with pytest.raises(UnsupportedTargetError, match="input_layernorm"):
+  peft_error = run_peft(kwargs, tied=False)
+  assert isinstance(peft_error, ValueError) and "is not supported. Currently, only the following modules" in str(
+    peft_error
+  )
+  with pytest.raises(UnsupportedTargetError, match="input_layernorm") as info:
     jpeft_lora(kwargs, kinds["leaves"], supported_kinds=("linear", "embedding"))
+  message = str(info.value)
+  assert (
+    "Target module 'model.layers.0.input_layernorm' is a norm (RMSNorm) layer, which LORA does not support" in message
+  )
+  assert "Currently, only the following modules are supported: linear (torch.nn.Linear), embedding" in message
+  assert f"matched {NUM_LAYERS} module(s) of kind 'norm': model.layers.*.input_layernorm (x{NUM_LAYERS})" in message
   # without the kind check, the name rule alone is applied
   got = jpeft_lora(kwargs, kinds["leaves"])
   assert got.targets == tuple(f"model.layers.{i}.input_layernorm" for i in range(NUM_LAYERS))
+
+
+@pytest.mark.parametrize("modules_to_save", [["proj"], ["q_proj_"], ["self_attn.q_proj"]])
+def test_target_also_in_modules_to_save(kinds, modules_to_save):
+  """A module both adapted and fully copied: PEFT refuses it ("modules_to_save cannot be applied to modules of type
+  ...lora.layer.Linear"), so does jpeft, naming the modules; a whole dotted name keeps the module out of the
+  targets instead, as in PEFT."""
+  kwargs = dict(target_modules=["q_proj", "v_proj"], modules_to_save=modules_to_save)
+  expected = run_peft(kwargs, tied=False)
+  if isinstance(expected, Exception):
+    with pytest.raises(ConflictingTargetsError) as info:
+      jpeft_lora(kwargs, kinds["leaves"])
+    assert "modules_to_save" in str(info.value) and "model.layers.0.self_attn.q_proj" in str(info.value)
+  else:
+    got = jpeft_lora(kwargs, kinds["leaves"])
+    assert (got.targets, got.modules_to_save) == expected[:2]
+
+
+def test_launcher_command_line_reports_target_errors(tmp_path):
+  """``python -m experiments.run`` with a norm target: exit status 2, one ``error:`` line naming the module and
+  the adapter config, no traceback -- found from the model's config.json, before any weight is loaded."""
+  import os
+  import subprocess
+  import sys
+
+  from backends.tiny import make_tiny_llama
+
+  model = make_tiny_llama(str(tmp_path / "model"))
+  os.remove(os.path.join(model, "model.safetensors"))  # no weights at all: the check must not need them
+  folder = tmp_path / "experiments" / "lora" / "norm"
+  folder.mkdir(parents=True)
+  (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["input_layernorm"]}))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for backend, error in (("jax", "UnsupportedTargetError"), ("torch", "UnsupportedTargetError")):
+    proc = subprocess.run(
+      [sys.executable, "-m", "experiments.run", f"--experiment={folder}", f"--model={model}", f"--backend={backend}"],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: {error}: {folder / 'adapter_config.json'}: Target module "), errors[0]
+    assert "'model.layers.0.input_layernorm' is a norm (RMSNorm) layer" in errors[0]
 
 
 def test_layer_index():

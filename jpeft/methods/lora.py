@@ -24,12 +24,22 @@ import jax.numpy as jnp
 from flax import struct
 
 from jpeft import config as config_lib
-from jpeft.core import Method, ModuleSpec, register_method
+from jpeft import targets as targets_lib
+from jpeft.core import AdapterCheckpointError, Method, ModuleSpec, register_method
+
+# PEFT's LoRA adapts nn.Linear and nn.Embedding (and convolutions, which a Llama has none of); not norms.
+SUPPORTED_KINDS = ("linear", "embedding")
+_TENSORS = {
+  "linear": (("lora_A.weight", "lora_B.weight"), ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")),
+  "embedding": (("lora_embedding_A", "lora_embedding_B"),),
+}
 
 
 def _dropout(x, rate: float, rng):
   if rng is None or rate == 0.0:
     return x
+  if not 0.0 < rate < 1.0:  # the config refuses these; a weight built by hand must not divide by 1 - 1 = 0
+    raise config_lib.InvalidConfigError(f"`lora_dropout` has to be in [0, 1), got {rate!r}")
   keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
@@ -137,7 +147,17 @@ def _uniform(key, shape, fan_in):
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+def _check_kind(spec: ModuleSpec) -> None:
+  if spec.kind not in SUPPORTED_KINDS:
+    raise targets_lib.UnsupportedTargetError(
+      f"Target module {spec.name!r} is a {targets_lib.describe_kind(spec.kind)} layer, which LoRA does not support. "
+      f"Currently, only the following modules are supported: "
+      f"{', '.join(targets_lib.describe_kind(k) for k in SUPPORTED_KINDS)}."
+    )
+
+
 def init_module(key, spec: ModuleSpec, config) -> dict:
+  _check_kind(spec)
   r, scaling = _rank_and_scaling(config, spec.name)
   init = config.init_lora_weights
   ka, kb = jax.random.split(key)
@@ -153,7 +173,10 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
 
   out_dim, in_dim = spec.weight.shape
   if r > min(out_dim, in_dim) and init in ("pissa", "olora"):
-    raise ValueError(f"{spec.name}: r={r} exceeds min(out, in)={min(out_dim, in_dim)} for {init} init")
+    raise config_lib.InvalidConfigError(
+      f"{spec.name}: `r`={r} (after rank_pattern) exceeds min(out, in)={min(out_dim, in_dim)} of this "
+      f"{out_dim}x{in_dim} weight, which init_lora_weights={init!r} needs (it takes r singular/QR directions of W)"
+    )
   if init is True:
     a, b = _uniform(ka, (r, in_dim), in_dim), jnp.zeros((out_dim, r))
   elif init is False:
@@ -189,8 +212,15 @@ def prepare_base(spec: ModuleSpec, tensors: dict, config):
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared
+  _check_kind(spec)
+  if not isinstance(tensors, dict) or tuple(sorted(tensors)) not in {tuple(sorted(t)) for t in _TENSORS[spec.kind]}:
+    got = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+    raise AdapterCheckpointError(
+      f"the LoRA adapter of {spec.name!r} (a {spec.kind} module) holds {got}; expected "
+      f"{' or '.join(str(list(t)) for t in _TENSORS[spec.kind])}"
+    )
   _, scaling = _rank_and_scaling(config, spec.name)
-  if "lora_embedding_A" in tensors:
+  if spec.kind == "embedding":
     return {"weight": LoraEmbedding(spec.weight, tensors["lora_embedding_A"], tensors["lora_embedding_B"], scaling)}
   common = dict(scaling=scaling, dropout=float(config.lora_dropout), rng=rng)
   if "lora_magnitude_vector" in tensors:
@@ -208,5 +238,6 @@ LORA = register_method(
     init_module=init_module,
     adapt_module=adapt_module,
     prepare_base=prepare_base,
+    supported_kinds=SUPPORTED_KINDS,
   )
 )

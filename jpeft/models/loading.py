@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jpeft.config import JpeftError
 from jpeft.models.llama import LlamaConfig, param_shapes
 
 # Registry of models that ship inside a pip package (found without importing the package).
@@ -27,8 +28,9 @@ EMBEDDED_MODELS = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that does not fit the model config (missing, unexpected or mis-shaped tensors)."""
+class CheckpointError(JpeftError):
+  """A model checkpoint that does not fit the model config (missing, unexpected or mis-shaped tensors), or a model
+  config jpeft cannot run."""
 
 
 def embedded_model_path(name: str) -> str:
@@ -152,6 +154,53 @@ def params_from_state_dict(
       arr = arr.astype(dtype)
     params[name] = jnp.asarray(arr)
   return params
+
+
+def _llama_config(hf_config, where: str) -> LlamaConfig:
+  try:
+    return LlamaConfig.from_hf(hf_config)
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{where}: {e}") from None
+
+
+def load_model_config(source: str) -> LlamaConfig | None:
+  """The :class:`LlamaConfig` of a model source from its config alone (``config.json``, GGUF metadata), without
+  reading any weights: enough for the module names (``module_kinds``), hence for resolving target modules before
+  loading.
+
+  Returns None for a hub id whose ``config.json`` can be neither found in the local cache nor downloaded (the
+  check is then left to the load). Raises ``FileNotFoundError`` for a local path that does not exist, as
+  :func:`load_model` does, and :class:`CheckpointError` for a config jpeft cannot run.
+  """
+  if source in EMBEDDED_MODELS:
+    folder = os.path.join(cache_dir(), source)
+    if os.path.exists(os.path.join(folder, ".source")) and os.path.exists(os.path.join(folder, "config.json")):
+      return _llama_config(load_hf_config(folder), folder)
+    source = embedded_model_path(source)
+  if source.endswith(".gguf"):
+    import transformers
+
+    if not os.path.exists(source):
+      raise FileNotFoundError(f"GGUF file not found: {source!r}")
+    hf_config = transformers.AutoConfig.from_pretrained(
+      os.path.dirname(source) or ".", gguf_file=os.path.basename(source)
+    )
+    return _llama_config(hf_config, source)
+  if os.path.isdir(source):
+    return _llama_config(load_hf_config(source), os.path.join(source, "config.json"))
+  if source.startswith((".", "/", "~")) or source.count("/") != 1:
+    raise FileNotFoundError(f"model path not found: {source!r}")
+  try:
+    import huggingface_hub
+
+    try:
+      path = huggingface_hub.hf_hub_download(source, "config.json", local_files_only=True)
+    except Exception:
+      path = huggingface_hub.hf_hub_download(source, "config.json")
+  except Exception as e:  # offline, unknown repo, gated: the load itself reports it
+    logging.info("config.json of %s not available before loading (%s)", source, e)
+    return None
+  return _llama_config(load_hf_config(os.path.dirname(path)), f"{source}/config.json")
 
 
 def load_hf_config(folder: str):
