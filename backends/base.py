@@ -93,21 +93,36 @@ class Backend(abc.ABC):
   name: str
 
   @abc.abstractmethod
-  def load_base(self, source: str, *, dtype: str = "float32") -> None:
+  def load_base(self, source: str, *, dtype: str = "float32", attn_implementation: str | None = None) -> None:
     """Load the base model.
 
     ``source`` is a local Hugging Face model folder (``config.json`` + safetensors, sharded or
     not), a ``.gguf`` file (dequantised as transformers' ``gguf_file`` loading does), a
     registry name of an embedded model (``"smollm2-135m"``), or a hub id. ``dtype`` is
-    ``"float32"``, ``"bfloat16"`` or ``"float16"``. Any attached adapter and optimizer are dropped.
+    ``"float32"``, ``"bfloat16"`` or ``"float16"``. ``attn_implementation`` is transformers'
+    argument of the same name (None: its default); the jax side accepts None, ``"eager"`` and
+    ``"sdpa"`` (its one softmax attention is the math of both) and raises ``ValueError`` for
+    anything else. Any attached adapter and optimizer are dropped.
     """
 
   @abc.abstractmethod
-  def attach_adapter(self, peft_config: dict, *, seed: int = 0) -> None:
+  def attach_adapter(self, peft_config: dict, *, seed: int = 0, autocast_adapter_dtype: bool = True) -> None:
     """Attach a freshly initialised adapter described by the content of a PEFT ``adapter_config.json``.
 
     Initialisation follows PEFT's (``init_lora_weights`` etc.). ``peft_type`` ``"FULL"`` or
-    ``None`` means full fine-tuning: every base parameter is trainable.
+    ``None`` means full fine-tuning: every base parameter is trainable. ``autocast_adapter_dtype``
+    is ``get_peft_model``'s argument: True keeps the adapter in float32 over a bfloat16/float16
+    base, False keeps it in the base dtype.
+    """
+
+  @abc.abstractmethod
+  def set_training_options(self, *, gradient_checkpointing: bool = False, amp: bool = False, compile: bool = False):
+    """How :meth:`train_step` and :meth:`loss_and_grads` compute (PEFT's ``use_gc``, ``use_amp``, ``compile``).
+
+    ``gradient_checkpointing`` recomputes each decoder layer in the backward pass; ``amp`` runs the forward in
+    bfloat16 (``torch.autocast``; jax: a bfloat16 compute dtype) with float32 trainable tensors and loss;
+    ``compile`` compiles the model (torch: ``torch.compile(dynamic=True)``; jax always compiles). The options
+    stay set across :meth:`load_base` and :meth:`attach_adapter`.
     """
 
   @abc.abstractmethod

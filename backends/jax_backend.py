@@ -12,6 +12,7 @@ import numpy as np
 from backends.base import Backend, check_state_keys, is_full_finetuning
 from jpeft import checkpoint, core, optim, train
 from jpeft import config as config_lib
+from jpeft.trainer import AMP_DTYPE, ATTN_IMPLEMENTATIONS
 from jpeft.generate import generate as jpeft_generate
 from jpeft.models import forward, load_model
 from jpeft.models.llama import param_shapes
@@ -36,9 +37,16 @@ class JaxBackend(Backend):
     self._opt = None
     self._merged = False
     self._rng = jax.random.key(0)
+    self.gradient_checkpointing = False  # set_training_options: the train step rematerialises each layer
+    self.amp = False  # set_training_options: the train step computes in bfloat16
 
   # -- model and adapter ---------------------------------------------------------------------------------
-  def load_base(self, source: str, *, dtype: str = "float32") -> None:
+  def load_base(self, source: str, *, dtype: str = "float32", attn_implementation: str | None = None) -> None:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+      raise ValueError(
+        f"attn_implementation {attn_implementation!r}: jpeft's attention is a plain softmax attention (the math "
+        f"of 'eager' and 'sdpa'); use one of {list(ATTN_IMPLEMENTATIONS)}"
+      )
     self.model_config, self.base_params = load_model(source, dtype=_DTYPES[str(dtype).lower()])
     self.params = self.base_params
     self.source = source
@@ -49,7 +57,7 @@ class JaxBackend(Backend):
     if self.params is None:
       raise RuntimeError("no base model: call load_base first")
 
-  def attach_adapter(self, peft_config: dict, *, seed: int = 0) -> None:
+  def attach_adapter(self, peft_config: dict, *, seed: int = 0, autocast_adapter_dtype: bool = True) -> None:
     self._require()
     self._opt, self._merged = None, False
     self._rng = jax.random.key(seed + 1)
@@ -60,6 +68,8 @@ class JaxBackend(Backend):
     self.full = False
     self.peft_config = config_lib.config_from_dict(peft_config)
     self.trainable, self.params = core.init(jax.random.key(seed), self.base_params, self.peft_config, self.model_config)
+    if not autocast_adapter_dtype:
+      self.trainable = train.adapter_in_base_dtype(self.trainable, self.params)
 
   def _state(self) -> dict:
     if self.trainable is None:
@@ -133,10 +143,42 @@ class JaxBackend(Backend):
     self._rng, sub = jax.random.split(self._rng)
     return sub
 
+  def _train_compute_dtype(self):
+    return AMP_DTYPE if self.amp else self.compute_dtype
+
+  def set_training_options(self, *, gradient_checkpointing: bool = False, amp: bool = False, compile: bool = False):
+    """``compile`` is accepted either way: every jpeft step is ``jax.jit``-ed. A configured optimizer keeps its
+    state; its step is rebuilt with the new options."""
+    self.gradient_checkpointing, self.amp = bool(gradient_checkpointing), bool(amp)
+    if self._opt is not None:
+      optimizer, opt_state, _ = self._opt
+      self._opt = (optimizer, opt_state, self._make_step(optimizer))
+
+  def _make_step(self, optimizer):
+    return train.make_train_step(
+      self.model_config,
+      self.peft_config,
+      optimizer,
+      compute_dtype=self._train_compute_dtype(),
+      donate=False,
+      remat=self.gradient_checkpointing,
+    )
+
+  @property
+  def compiled_train_step(self):
+    """The jitted ``(trainable, opt_state, params, batch, rng)`` step of :meth:`train_step` (None before
+    :meth:`configure_optimizer`)."""
+    return None if self._opt is None else self._opt[2]
+
   def loss_and_grads(self, input_ids, attention_mask, labels):
     if self.trainable is None:
       raise RuntimeError("no adapter attached")
-    grad_fn = train.make_grad_fn(self.model_config, self.peft_config, compute_dtype=self.compute_dtype)
+    grad_fn = train.make_grad_fn(
+      self.model_config,
+      self.peft_config,
+      compute_dtype=self._train_compute_dtype(),
+      remat=self.gradient_checkpointing,
+    )
     loss, grads = grad_fn(
       self.trainable, self.params, self._batch(input_ids, attention_mask, labels), self._dropout_rng()
     )
@@ -183,13 +225,7 @@ class JaxBackend(Backend):
       total_steps=total_steps,
       **extra,
     )
-    self._opt = (
-      optimizer,
-      optimizer.init(self.trainable),
-      train.make_train_step(
-        self.model_config, self.peft_config, optimizer, compute_dtype=self.compute_dtype, donate=False
-      ),
-    )
+    self._opt = (optimizer, optimizer.init(self.trainable), self._make_step(optimizer))
 
   def train_step(self, input_ids, attention_mask, labels) -> float:
     if self._opt is None:

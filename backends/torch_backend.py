@@ -50,6 +50,13 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
   return tensor.cpu().clone().numpy()
 
 
+def _is_checkpointing(model) -> bool:
+  """transformers' ``is_activation_checkpointing`` (``is_gradient_checkpointing`` before 5.x)."""
+  if hasattr(type(model), "is_activation_checkpointing"):
+    return bool(model.is_activation_checkpointing)
+  return bool(model.is_gradient_checkpointing)
+
+
 def resolve_source(source: str) -> str:
   """Map an embedded-model registry name to its converted local folder; anything else unchanged."""
   return _resolve_model_source(source)
@@ -74,6 +81,11 @@ class TorchBackend(Backend):
     self._scheduler = None
     self._grad_norm_clip: float | None = None
     self._trainable_ids: set[int] = set()
+    self.attn_implementation: str | None = None
+    # set_training_options (PEFT's use_gc, use_amp, compile); kept across load_base / attach_adapter
+    self.gradient_checkpointing = False
+    self.amp = False
+    self.compile = False
 
   # ------------------------------------------------------------------ model state
 
@@ -117,7 +129,7 @@ class TorchBackend(Backend):
       if (rewrites_base or getattr(config, "modules_to_save", None)) and self.source:
         # These initialisations rewrite the base weights, which unloading does not undo; and
         # unloading a modules_to_save adapter leaves the trained copy in the base model.
-        self.load_base(self.source, dtype=self.dtype)
+        self.load_base(self.source, dtype=self.dtype, attn_implementation=self.attn_implementation)
         return self.model
       model = model.get_base_model() if config.is_prompt_learning else model.unload()
     for param in model.parameters():
@@ -128,18 +140,21 @@ class TorchBackend(Backend):
     self._reset_training()
     return model
 
-  def load_base(self, source: str, *, dtype: str = "float32") -> None:
+  def load_base(self, source: str, *, dtype: str = "float32", attn_implementation: str | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)
     path = resolve_source(source)
+    kwargs = {"dtype": torch_dtype}
+    if attn_implementation is not None:  # None: transformers' default (sdpa where available)
+      kwargs["attn_implementation"] = attn_implementation
     if path.lower().endswith(".gguf"):
       if not os.path.isfile(path):
         raise FileNotFoundError(path)
       folder, filename = os.path.split(os.path.abspath(path))
-      model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch_dtype)
+      model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, **kwargs)
     else:
-      model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+      model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.to(self.device)
     for param in model.parameters():
       param.requires_grad_(False)
@@ -147,11 +162,13 @@ class TorchBackend(Backend):
     self.model = model
     self.source = path
     self.dtype = torch_dtype
+    self.attn_implementation = attn_implementation
     self._full = False
     self._merged = False
     self._reset_training()
+    self._apply_training_options()
 
-  def attach_adapter(self, peft_config: dict, *, seed: int = 0) -> None:
+  def attach_adapter(self, peft_config: dict, *, seed: int = 0, autocast_adapter_dtype: bool = True) -> None:
     from peft import PeftConfig, get_peft_model
 
     base = self._detach_adapter()
@@ -163,13 +180,72 @@ class TorchBackend(Backend):
         param.requires_grad_(True)
       self._full = True
       self._remember_trainable()
+      self._apply_training_options()
       return
     config_dict = dict(peft_config)
     if config_dict.get("task_type") is None:
       config_dict["task_type"] = "CAUSAL_LM"
     config = PeftConfig.from_peft_type(**config_dict)
-    self.model = get_peft_model(base, config, adapter_name=self.adapter_name)
+    self.model = get_peft_model(
+      base, config, adapter_name=self.adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+    )
     self._remember_trainable()
+    self._apply_training_options()
+
+  # ------------------------------------------------------------------ training options
+
+  def set_training_options(self, *, gradient_checkpointing: bool = False, amp: bool = False, compile: bool = False):
+    """PEFT's method_comparison switches: ``gradient_checkpointing`` (``use_gc``) is transformers' activation
+    checkpointing with ``use_reentrant=False`` (plus ``enable_input_require_grads``, as PEFT's suite calls it);
+    ``amp`` (``use_amp``) runs the train forward under ``torch.autocast(<device>, dtype=torch.bfloat16)`` (no
+    gradient scaler: bfloat16 has float32's exponent range); ``compile`` compiles the model in place
+    (``nn.Module.compile(dynamic=True)``, PEFT's ``torch.compile(model, dynamic=True)``), lazily at its first call.
+    """
+    self.gradient_checkpointing, self.amp, self.compile = bool(gradient_checkpointing), bool(amp), bool(compile)
+    if self.model is not None:
+      self._apply_training_options()
+
+  @property
+  def is_compiled(self) -> bool:
+    return getattr(self.model, "_compiled_call_impl", None) is not None
+
+  def _apply_training_options(self) -> None:
+    model = self._require_model()
+    base = self.base_model()
+    if self.gradient_checkpointing:
+      if not _is_checkpointing(base):
+        if hasattr(base, "activation_checkpointing_enable"):
+          base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5.x
+          base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+      if not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
+    elif _is_checkpointing(base):
+      if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+      else:
+        base.gradient_checkpointing_disable()
+      base.disable_input_require_grads()
+    if model is not base and getattr(base, "_compiled_call_impl", None) is not None:
+      base._compiled_call_impl = None  # compiled as a full fine-tuning model; now the adapter model is compiled
+    if self.compile and not self.is_compiled:
+      model.compile(dynamic=True)
+    elif not self.compile and self.is_compiled:
+      model._compiled_call_impl = None
+
+  def _autocast(self):
+    if not self.amp:
+      return contextlib.nullcontext()
+    return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+  def init_kv_cache_prefix(self, tokenizer, text: str) -> None:
+    """PEFT's ``initialize_kv_prefix_from_text``: the base model's KV cache of ``text`` becomes the prefix of the
+    attached PREFIX_TUNING / CARTRIDGE adapter (PEFT's method_comparison ``init_kv_cache_prefix``)."""
+    from peft import initialize_kv_prefix_from_text
+
+    if not self.is_peft:
+      raise ValueError("init_kv_cache_prefix needs a PREFIX_TUNING or CARTRIDGE adapter; none is attached")
+    initialize_kv_prefix_from_text(self.model, tokenizer, text=text)
 
   # ------------------------------------------------------------------ adapter tensors
 
@@ -296,6 +372,7 @@ class TorchBackend(Backend):
     except ValueError:
       self._detach_adapter()
       raise
+    self._apply_training_options()
 
   def _load_full(self, folder: str, *, is_trainable: bool) -> None:
     from safetensors.torch import load_file
@@ -315,6 +392,7 @@ class TorchBackend(Backend):
       for param in base.parameters():
         param.requires_grad_(False)
     self._remember_trainable()
+    self._apply_training_options()
 
   # ------------------------------------------------------------------ forward passes
 
@@ -359,7 +437,8 @@ class TorchBackend(Backend):
       for param in params.values():
         param.requires_grad_(True)
       model.train()
-      loss = self._forward(input_ids, attention_mask, labels).loss
+      with self._autocast():
+        loss = self._forward(input_ids, attention_mask, labels).loss
       loss.backward()
       grads = {
         key: _to_numpy(p.grad) if p.grad is not None else np.zeros(tuple(p.shape), dtype=np.float32)
@@ -454,7 +533,8 @@ class TorchBackend(Backend):
     model = self._require_model()
     model.train()
     self._optimizer.zero_grad(set_to_none=True)
-    loss = self._forward(input_ids, attention_mask, labels).loss
+    with self._autocast():
+      loss = self._forward(input_ids, attention_mask, labels).loss
     loss.backward()
     if self._grad_norm_clip is not None:
       torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self._grad_norm_clip)

@@ -224,6 +224,11 @@ class JaxRunner(Runner):
   def check_config(self) -> None:
     from jpeft import config as config_lib
 
+    # PEFT's switches: use_gc, use_amp, autocast_adapter_dtype are honoured by jpeft.trainer, compile is always
+    # on (jit); attn_implementation and init_kv_cache_prefix only where jpeft implements what they say
+    problems = self.config.jax_unsupported()
+    if problems:
+      raise common.ExperimentError(f"{self.exp.experiment_name} on jax: {'; '.join(problems)}")
     if self.exp.peft_config is not None:
       self.jpeft_config = config_lib.config_from_dict(self.exp.peft_config)  # UnsupportedConfigError
 
@@ -459,9 +464,17 @@ def _full_size_estimate(params) -> int:
 
 
 class TorchRunner(Runner):
-  """transformers + PEFT: any adapter config PEFT accepts, trained over the jax trainer's batch schedule."""
+  """transformers + PEFT: any adapter config PEFT accepts, trained over the jax trainer's batch schedule.
+
+  PEFT's switches as PEFT's method_comparison applies them: ``attn_implementation`` goes to ``from_pretrained``,
+  ``use_gc`` / ``use_amp`` / ``compile`` to ``TorchBackend.set_training_options``, ``autocast_adapter_dtype`` to
+  ``get_peft_model``, ``init_kv_cache_prefix`` to ``peft.initialize_kv_prefix_from_text`` after the optimizer.
+  """
 
   name = "torch"
+  # transformers' attention implementations this runner is meant for (flash/flex attention need kernels that a
+  # CPU install lacks); None is transformers' default
+  ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
   def __init__(self, *args, device: str | None = None, **kwargs):
     super().__init__(*args, **kwargs)
@@ -469,6 +482,12 @@ class TorchRunner(Runner):
     self.backend = None
 
   def check_config(self) -> None:
+    attn = self.config.attn_implementation
+    if attn not in self.ATTN_IMPLEMENTATIONS:
+      raise common.ExperimentError(
+        f"{self.exp.experiment_name} on torch: attn_implementation {attn!r} is not supported here; use one of "
+        f"{list(self.ATTN_IMPLEMENTATIONS)} (null: transformers' default)"
+      )
     if self.exp.peft_config is None:
       return
     from peft import PeftConfig
@@ -503,18 +522,26 @@ class TorchRunner(Runner):
 
     self.load_tokenizer()
     self.backend = get_backend("torch", device=self.device)
-    self.backend.load_base(self.model_source, dtype=common.model_dtype(self.exp.params))
+    self.backend.load_base(
+      self.model_source, dtype=common.model_dtype(self.exp.params), attn_implementation=self.config.attn_implementation
+    )
 
   def setup(self, data) -> None:
     c = self.config
     self.examples = common.tokenize_train(self.tokenizer, data.train, c)
     self.schedule = common.train_schedule(self.examples, c)
     peft_config = self.exp.peft_config if self.exp.peft_config is not None else {"peft_type": "FULL"}
-    self.backend.attach_adapter(peft_config, seed=c.seed)
+    self.backend.attach_adapter(peft_config, seed=c.seed, autocast_adapter_dtype=c.autocast_adapter_dtype)
+    self.backend.set_training_options(gradient_checkpointing=c.use_gc, amp=c.use_amp, compile=c.compile)
     if self.backend.is_peft:
       config = self.backend.peft_config.to_dict()
       self._peft_config_dict = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+      # PEFT records the folder the model was read from (here the cache folder of a registry name); the result
+      # names the model as the experiment did
+      self._peft_config_dict["base_model_name_or_path"] = portable_model_name(self.model_source)
     self.backend.configure_optimizer(**common.optimizer_settings(c))
+    if c.init_kv_cache_prefix is not None:  # after the optimizer, as PEFT's run.py (the prefix is set in place)
+      self.backend.init_kv_cache_prefix(self.tokenizer, c.init_kv_cache_prefix)
     # counted after the optimizer is made (it may freeze tensors, as LoRA-FA does), before any merge
     self._counts = (self.backend.num_trainable_params(), int(sum(p.numel() for p in self.backend.model.parameters())))
 
@@ -564,8 +591,8 @@ class TorchRunner(Runner):
     c = self.config
     wall0 = time.perf_counter()
     losses, entries = [], []
-    train_time = eval_time = 0.0
-    tokens_total = 0
+    train_time = eval_time = compile_time = 0.0
+    tokens_total = timed_tokens = 0
     prev_step, prev_time = 0, 0.0
     bar = None
     if c.progress:
@@ -577,12 +604,16 @@ class TorchRunner(Runner):
         batch, tokens = common.train_batch(self.examples, indices, c, self.pad_id)
         t = time.perf_counter()
         loss = self.backend.train_step(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        train_time += time.perf_counter() - t
+        if c.compile and step == 0:  # torch.compile compiles (dynamic shapes) at the first step: as jax's
+          compile_time += time.perf_counter() - t
+        else:
+          train_time += time.perf_counter() - t
+          timed_tokens += tokens
         tokens_total += tokens
         if not math.isfinite(loss):
           raise NonFiniteLossError(step, loss, None, losses)
         losses.append(loss)
-        rate = tokens_total / train_time if train_time > 0 else None
+        rate = timed_tokens / train_time if train_time > 0 else None
         if bar is not None:
           bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate or 0:.0f}", refresh=False)
           bar.update(1)
@@ -627,9 +658,9 @@ class TorchRunner(Runner):
       "valid_accuracy": valid[-1] if valid else None,
       "test_predictions": predictions,
       "train_time_s": train_time,
-      "compile_time_s": 0.0,
+      "compile_time_s": compile_time,
       "eval_time_s": eval_time,
-      "tokens_per_s": tokens_total / train_time if train_time > 0 else None,
+      "tokens_per_s": timed_tokens / train_time if train_time > 0 else None,
       "total_tokens": tokens_total,
       "padded_lengths": lengths,
       "resumed_from": None,
@@ -677,6 +708,17 @@ class TorchRunner(Runner):
 
 
 RUNNERS = {"jax": JaxRunner, "torch": TorchRunner}
+
+
+def portable_model_name(source: str | None) -> str | None:
+  """How a result names a model: as given (a registry name such as ``smollm2-135m``, a hub id, a relative path),
+  with an absolute path inside the project made relative to it; never the cache folder a registry name resolves to.
+  """
+  if not source or not os.path.isabs(source):
+    return source
+  root = os.path.dirname(common.EXPERIMENTS_DIR)
+  path = os.path.abspath(source)
+  return os.path.relpath(path, root) if os.path.commonpath([path, root]) == root else source
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -765,7 +807,7 @@ def run_experiment(
           "total_time": time.perf_counter() - tic,
           "experiment_name": exp.experiment_name,
           "backend": backend,
-          "train_config": dict(exp.params, model_id=model_source),
+          "train_config": dict(exp.params, model_id=portable_model_name(model_source)),
           "peft_config": exp.peft_config,
           "error_msg": f"{type(exc).__name__}: {exc}",
         },
@@ -812,6 +854,7 @@ def build_result(
     "train total tokens": out["total_tokens"],
     "forgetting": out["forgetting"]["delta"],
   }
+  model_source, tokenizer_source = portable_model_name(model_source), portable_model_name(tokenizer_source)
   train_config = dict(exp.params, model_id=model_source)
   resolved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("compute_dtype",)}
   backend_info = runner.backend_info()

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft import core
-from jpeft.models.llama import LlamaConfig, causal_lm_loss, cross_entropy, forward
+from jpeft.models.llama import LlamaConfig, base_array, causal_lm_loss, cross_entropy, forward
 
 
 def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=None, remat: bool = False) -> Callable:
@@ -50,9 +50,9 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
   return loss_fn
 
 
-def make_grad_fn(model_config, peft_config=None, *, compute_dtype=None):
-  """Jitted ``(trainable, params, batch, rng) -> (loss, grads)``."""
-  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype)
+def make_grad_fn(model_config, peft_config=None, *, compute_dtype=None, remat: bool = False):
+  """Jitted ``(trainable, params, batch, rng) -> (loss, grads)``; ``remat`` as in :func:`make_train_step`."""
+  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype, remat=remat)
 
   @jax.jit
   def grad_fn(trainable, params, batch, rng=None):
@@ -85,6 +85,25 @@ def make_train_step(
     return trainable, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.global_norm(grads)}
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def adapter_in_base_dtype(adapter: core.Adapter, params) -> core.Adapter:
+  """The adapter with every floating tensor in the dtype of the base weight it adapts.
+
+  This is PEFT's ``get_peft_model(..., autocast_adapter_dtype=False)``: ``core.init`` upcasts a fresh adapter
+  over a bfloat16/float16 base to float32 (PEFT's default, ``autocast_adapter_dtype=True``); this undoes that.
+  Modules without a weight of their own (a tied ``lm_head``, the shared tensors) take the embedding's dtype.
+  """
+  default = jnp.dtype(base_array(params["model.embed_tokens.weight"]).dtype)
+  out = {}
+  for module, tensors in adapter.items():
+    weight = params.get(f"{module}.weight")
+    dtype = jnp.dtype(base_array(weight).dtype) if weight is not None else default
+    out[module] = {
+      name: value.astype(dtype) if jnp.issubdtype(value.dtype, jnp.floating) else value
+      for name, value in tensors.items()
+    }
+  return out
 
 
 def cast_trainable(tree: Any, dtype) -> Any:

@@ -43,17 +43,15 @@ from jpeft.data import loaders as data_lib
 from jpeft.generate import generate
 from jpeft.models.llama import LlamaConfig, loss_positions
 
-# Keys of PEFT's training params that describe the model or torch-only switches: accepted, not used here.
-_IGNORED_KEYS = (
-  "model_id",
-  "dtype",
-  "compile",
-  "use_gc",
-  "use_amp",
-  "autocast_adapter_dtype",
-  "attn_implementation",
-  "init_kv_cache_prefix",
-)
+# Keys of PEFT's training params that describe the model (read by whoever loads it): accepted, not used here.
+_IGNORED_KEYS = ("model_id", "dtype")
+# What ``attn_implementation`` may say here: jpeft's attention is one plain softmax attention
+# (``softmax(q k^T / sqrt(d) + mask) v``, scores and softmax in float32), which is the math of transformers' "eager"
+# and "sdpa" alike; None is transformers' default. Anything else (flash_attention_2, flex_attention, ...) is refused.
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa")
+# The compute dtype of the train step under ``use_amp`` (torch.autocast's bfloat16).
+AMP_DTYPE = jnp.bfloat16
+_BOOL_FIELDS = ("use_gc", "use_amp", "autocast_adapter_dtype", "compile")
 # optimizer_kwargs that PEFT passes to its LoRA-FA factory; jpeft reads rank and alpha from the adapter config.
 _IGNORED_OPTIMIZER_KWARGS = ("r", "lora_alpha")
 _OPTIMIZER_KWARGS = (
@@ -82,6 +80,8 @@ _RESUME_FIELDS = (
   "pad_powers_of_two",
   "bucket_factor",
   "mask_prompt",
+  "use_amp",
+  "autocast_adapter_dtype",
 )
 
 
@@ -137,6 +137,19 @@ class TrainConfig:
       K = half the padded length, or every position when a row has more labels than that); same loss and
       gradients, fewer FLOPs and a smaller logits tensor. At most two compiled steps per padded length.
     max_eval_examples, max_test_examples: cap the evaluation sets (None: all).
+    use_gc: PEFT's gradient checkpointing: the train step recomputes each decoder layer in the backward pass
+      (``jax.checkpoint``, ``make_train_step(..., remat=True)``) instead of keeping its activations.
+    use_amp: PEFT's mixed precision: the train step's forward and backward compute in bfloat16 (``AMP_DTYPE``)
+      while the adapter (the master copy the optimizer updates), the gradients and the loss stay float32, as
+      under ``torch.autocast(dtype=torch.bfloat16)``. Evaluation and generation keep ``compute_dtype`` (PEFT
+      autocasts the train forward only).
+    autocast_adapter_dtype: PEFT's ``get_peft_model`` argument: True keeps a fresh adapter in float32 over a
+      bfloat16/float16 base; False keeps it in the base dtype.
+    compile: accepted either way: jpeft always compiles (every step and generation is ``jax.jit``-ed).
+    attn_implementation: None, ``"eager"`` or ``"sdpa"`` (the same math here, see ``ATTN_IMPLEMENTATIONS``);
+      any other value is refused.
+    init_kv_cache_prefix: must be None: jpeft has no prefix-tuning/cartridge method whose KV prefix it would
+      initialise.
   """
 
   batch_size: int = 4
@@ -166,14 +179,21 @@ class TrainConfig:
   head_on_loss_tokens: bool = True
   max_eval_examples: int | None = None
   max_test_examples: int | None = None
+  use_gc: bool = False
+  use_amp: bool = False
+  autocast_adapter_dtype: bool = True
+  compile: bool = False
+  attn_implementation: str | None = None
+  init_kv_cache_prefix: str | None = None
 
   @classmethod
   def from_dict(cls, params: Mapping[str, Any], **overrides) -> "TrainConfig":
     """From PEFT's training-params dict (``default_training_params.json`` merged with an experiment's).
 
-    ``generation_kwargs.max_new_tokens`` and ``warmup``/``warmup_steps`` are mapped; the model/torch keys
-    (``model_id``, ``dtype``, ``compile``, ``use_amp``, ...) are accepted and ignored; any other unknown key is
-    an error. ``overrides`` replace fields after mapping.
+    ``generation_kwargs.max_new_tokens`` and ``warmup``/``warmup_steps`` are mapped; ``model_id`` and ``dtype``
+    (read by whoever loads the model) are accepted and ignored; PEFT's switches (``use_gc``, ``use_amp``,
+    ``autocast_adapter_dtype``, ``compile``, ``attn_implementation``, ``init_kv_cache_prefix``) are fields; any
+    other unknown key is an error. ``overrides`` replace fields after mapping.
     """
     params = dict(params)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -197,6 +217,24 @@ class TrainConfig:
       )
     kwargs.update(overrides)
     return cls(**kwargs)
+
+  def jax_unsupported(self) -> list[str]:
+    """Why jpeft cannot run these training params as they say (one message per key); empty when it can."""
+    problems = []
+    for key in _BOOL_FIELDS:
+      if not isinstance(getattr(self, key), bool):
+        problems.append(f"{key} must be true or false, got {getattr(self, key)!r}")
+    if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+      problems.append(
+        f"attn_implementation {self.attn_implementation!r} is not implemented by jpeft, whose attention is a plain "
+        f"softmax attention (the math of 'eager' and 'sdpa'); use one of {list(ATTN_IMPLEMENTATIONS)}"
+      )
+    if self.init_kv_cache_prefix is not None:
+      problems.append(
+        "init_kv_cache_prefix is not supported by jpeft (it initialises a PREFIX_TUNING/CARTRIDGE adapter's KV "
+        "prefix, and jpeft has neither method); use null"
+      )
+    return problems
 
   def resume_fingerprint(self) -> dict:
     return {k: _jsonable(getattr(self, k)) for k in _RESUME_FIELDS}
@@ -344,6 +382,9 @@ class Trainer:
     self.on_step = on_step
     if c.max_steps < 0:
       raise ValueError(f"max_steps must be >= 0, got {c.max_steps}")
+    problems = c.jax_unsupported()
+    if problems:
+      raise ValueError("; ".join(problems))
     if mesh is not None and c.batch_size % int(mesh.shape[sharding_lib.DATA]):
       raise ValueError(
         f"batch_size {c.batch_size} is not divisible by the mesh's data size {mesh.shape[sharding_lib.DATA]}"
@@ -362,11 +403,20 @@ class Trainer:
       self.params, trainable = dict(params), jax.tree_util.tree_map(jnp.copy, adapter)
     else:
       trainable, self.params = core.init(jax.random.key(c.seed), params, peft_config, model_config)
+      if not c.autocast_adapter_dtype:
+        trainable = train_lib.adapter_in_base_dtype(trainable, self.params)
     self.num_trainable_params = self._count_trainable(trainable)
 
     self.optimizer = optim.make_optimizer(trainable, peft_config, **optimizer_kwargs(c))
+    # use_amp: the train step alone computes in bfloat16 (PEFT autocasts the train forward, not evaluation)
+    self.train_compute_dtype = AMP_DTYPE if c.use_amp else c.compute_dtype
     step_fn = train_lib.make_train_step(
-      model_config, peft_config, self.optimizer, compute_dtype=c.compute_dtype, donate=mesh is None
+      model_config,
+      peft_config,
+      self.optimizer,
+      compute_dtype=self.train_compute_dtype,
+      donate=mesh is None,
+      remat=c.use_gc,
     )
     if mesh is None:
       # everything committed to one device, as restored checkpoints are: fresh and resumed runs then
