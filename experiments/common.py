@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jpeft.config import JpeftError
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 DEFAULT_TRAINING_PARAMS_PATH = EXPERIMENTS_DIR / "default_training_params.json"
 DEFAULT_RESULTS_DIR = EXPERIMENTS_DIR / "results"
@@ -64,8 +66,8 @@ _TORCH_ONLY_KEYS = (
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ExperimentError(ValueError):
-  """An experiment folder or its training params that cannot be run (raised before any training)."""
+class ExperimentError(JpeftError):
+  """An experiment folder, its training params or its data that cannot be run (raised before any training)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -436,6 +438,14 @@ def _split_source(source: str, default_split: str) -> tuple[str, str | None]:
   return source, default_split
 
 
+def _load_dataset(role: str, source, loader, *args, **kwargs):
+  """``loader(*args, **kwargs)``, its input errors (missing file, bad JSON, missing fields) as ExperimentError."""
+  try:
+    return loader(*args, **kwargs)
+  except (ValueError, FileNotFoundError) as exc:
+    raise ExperimentError(f"{role}_data {source!r}: {exc}") from None
+
+
 def load_data(params: Mapping[str, Any]) -> ExperimentData:
   """Load every dataset the params name; the loaders' errors (missing file, missing fields) surface here."""
   from jpeft.data import CHAR_LIMIT, PRESETS, load_general_text, load_math_dataset
@@ -453,8 +463,15 @@ def load_data(params: Mapping[str, Any]) -> ExperimentData:
       records[role], info[role] = [], {"source": source, "rows": 0}
       continue
     src, split = _split_source(str(source), default_split)
-    ds = load_math_dataset(
-      src, split=split, limit=limit, task_config=PRESETS[preset], max_chars=CHAR_LIMIT if role == "train" else None
+    ds = _load_dataset(
+      role,
+      source,
+      load_math_dataset,
+      src,
+      split=split,
+      limit=limit,
+      task_config=PRESETS[preset],
+      max_chars=CHAR_LIMIT if role == "train" else None,
     )
     records[role] = list(zip(ds["query"], ds["response"]))
     info[role] = {"source": str(source), "split": split, "rows": len(records[role])}
@@ -462,7 +479,13 @@ def load_data(params: Mapping[str, Any]) -> ExperimentData:
       info[role]["embedded_preset"] = preset
   if not records["train"]:
     raise ExperimentError(f"train_data {params.get('train_data')!r} has no rows")
-  texts = load_general_text(params.get("forgetting_data"), limit=params.get("n_forgetting"))
+  texts = _load_dataset(
+    "forgetting",
+    params.get("forgetting_data"),
+    load_general_text,
+    params.get("forgetting_data"),
+    limit=params.get("n_forgetting"),
+  )
   info["forgetting"] = {"source": params.get("forgetting_data") or "jpeft.data.GENERAL_TEXT", "rows": len(texts)}
   return ExperimentData(records["train"], records["valid"], records["test"], texts, info)
 

@@ -113,8 +113,8 @@ def launch(
   """
   stderr = stderr if stderr is not None else sys.stderr
   try:
-    exp = common.load_experiment(experiment, overrides)
-    common.check_adapter_targets(exp, model or exp.params.get("model_id"), backend)
+    # run_experiment checks everything (folder, training params, target modules vs the model's config, data)
+    # before any weight loads
     return 0, run_experiment(experiment, backend, overrides=overrides, model=model, lr=lr, **kwargs)
   except input_errors() as exc:
     message = " ".join(str(exc).split("\n"))

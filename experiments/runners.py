@@ -781,6 +781,7 @@ def run_experiment(
     exp, config, model_source=model_source, tokenizer_source=tokenizer or model_source, save_dir=save_dir, **kwargs
   )
   runner.check_config()
+  common.check_adapter_targets(exp, model_source, backend)  # target modules vs the model's config, no weights yet
   data = common.load_data(exp.params)
   logging.info(
     "%s on %s: %d train / %d valid / %d test rows, %d forgetting texts",

@@ -453,8 +453,26 @@ def test_invalid_optimizer_kwargs(assets, no_loading, tmp_path):
 def test_dataset_without_fields(assets, no_loading, tmp_path, backend):
   data = tmp_path / "bad.jsonl"
   data.write_text(json.dumps({"prompt": "1+1?", "completion": "#### 2"}) + "\n")
-  with pytest.raises(ValueError, match="question/answer fields"):
+  with pytest.raises(common.ExperimentError, match=r"train_data .*bad.jsonl.*question/answer fields"):
     _try(assets, assets["exps"] / "lora" / "tiny-rank4", backend, train_data=str(data))
+  # the launcher reports it as one error line, not a traceback
+  import io
+
+  from experiments import run
+
+  stderr = io.StringIO()
+  status, outcome = run.launch(
+    str(assets["exps"] / "lora" / "tiny-rank4"),
+    backend,
+    overrides=dict(TINY, train_data=str(data)),
+    model=assets["model"],
+    tokenizer=assets["tokenizer"],
+    progress=False,
+    write=False,
+    stderr=stderr,
+  )
+  (line,) = stderr.getvalue().splitlines()
+  assert status == 2 and outcome is None and line.startswith("error: ExperimentError: train_data") and "fields" in line
 
 
 def test_unsupported_method_on_jax(assets, no_loading):
@@ -500,9 +518,13 @@ def test_suite_folders_are_valid():
   supported = set(config_lib.registered_peft_types())
   for name in names:
     exp = common.load_experiment(os.path.join(ROOT, "experiments", name))
-    common.make_train_config(exp)
+    train_config = common.make_train_config(exp)
+    assert train_config.max_steps == (0 if name.startswith("base/") else 150), name
     if exp.peft_config is not None and exp.peft_type in supported:
-      config_lib.config_from_dict(exp.peft_config)
+      peft_config = config_lib.config_from_dict(exp.peft_config)
+      assert peft_config.peft_type == exp.peft_type and peft_config.r == exp.peft_config["r"], name
+    # the targets of every adapter resolve against SmolLM2's modules, without loading its weights
+    common.check_adapter_targets(exp, "smollm2-135m", "jax" if exp.peft_type in supported else "torch")
 
 
 def test_committed_results_name_no_machine_path():
