@@ -137,7 +137,8 @@ class JpeftError(ValueError):
       ├── FileMissingError              an adapter file that is not there (also a FileNotFoundError)
       ├── jpeft.targets.TargetError     target modules that match nothing, or modules the method cannot adapt
       ├── jpeft.core.AdapterCheckpointError    adapter tensors that do not fit the config or the model
-      └── jpeft.models.loading.CheckpointError model weights that do not fit the model config
+      ├── jpeft.models.loading.CheckpointError model weights that do not fit the model config
+      └── experiments.common.ExperimentError   an experiment folder, training params or dataset that cannot run
   """
 
 
