@@ -202,7 +202,9 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None):
   out = dict(params)
   shared = adapter.get(SHARED, {})
   save = set(_modules_to_save(adapter, config))
-  names = [n for n in adapter if n != SHARED]
+  # one dropout key per module by sorted name, not dict order: jit flattens dicts in sorted key order, so the
+  # same rng drops the same units eagerly and under jit
+  names = sorted(n for n in adapter if n != SHARED)
   rngs = jax.random.split(rng, len(names)) if rng is not None else [None] * len(names)
   for r, name in zip(rngs, names):
     tensors = adapter[name]

@@ -136,6 +136,13 @@ def test_dropout_only_in_training(model):
   np.testing.assert_array_equal(eval_a, eval_b)
   train_a = _logits(config, core.apply(base, adapter, peft_config, rng=jax.random.key(1)), b)
   assert np.abs(train_a - eval_a).max() > 1e-4
+  # the same key drops the same units eagerly and under jit (jit reorders dict keys; the keys follow module names)
+  loss_fn = train.make_loss_fn(config, peft_config)
+  batch = {k: jnp.asarray(v) for k, v in b.items()}
+  adapter = {name: adapter[name] for name in sorted(adapter, reverse=True)}  # a dict order that is not sorted
+  eager = float(loss_fn(adapter, base, batch, jax.random.key(2))[0])
+  jitted = float(jax.jit(loss_fn)(adapter, base, batch, jax.random.key(2))[0])
+  assert abs(eager - jitted) <= 1e-6 * abs(eager), (eager, jitted)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "lora-embedding", "lora-modules-to-save"])
