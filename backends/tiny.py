@@ -115,3 +115,30 @@ def make_batch(
     attention_mask[row, sl] = 1
     labels[row, sl] = row_labels
   return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def train_tiny_tokenizer(vocab_size: int):
+  """A byte-level BPE ``tokenizers.Tokenizer`` of ``vocab_size`` trained on the embedded math task (EOS ``<eos>``)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from jpeft.data import format_query, make_split
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=["<eos>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
+  tok.train_from_iterator([format_query(r["question"]) + r["answer"] for r in make_split("train", 40, seed=1)], trainer)
+  return tok
+
+
+def make_tiny_tokenizer(folder: str, vocab_size: int) -> str:
+  """Save :func:`train_tiny_tokenizer` as a transformers tokenizer folder and return ``folder``."""
+  from transformers import PreTrainedTokenizerFast
+
+  PreTrainedTokenizerFast(tokenizer_object=train_tiny_tokenizer(vocab_size), eos_token="<eos>").save_pretrained(folder)
+  return folder

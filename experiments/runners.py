@@ -775,13 +775,14 @@ def run_experiment(
   model_source = model or exp.params.get("model_id")
   if not model_source:
     raise common.ExperimentError("no model: set model_id in the training params or pass --model")
+  # the adapter config (errors name its file) and its target modules vs the model's config, before any weight loads
+  common.check_adapter_targets(exp, model_source, backend)
   runner_cls = get_runner(backend)
   kwargs = {"checkpoint_dir": checkpoint_dir} if backend == "jax" else {}
   runner = runner_cls(
     exp, config, model_source=model_source, tokenizer_source=tokenizer or model_source, save_dir=save_dir, **kwargs
   )
   runner.check_config()
-  common.check_adapter_targets(exp, model_source, backend)  # target modules vs the model's config, no weights yet
   data = common.load_data(exp.params)
   logging.info(
     "%s on %s: %d train / %d valid / %d test rows, %d forgetting texts",

@@ -35,21 +35,9 @@ class TinyTokenizer:
 
 
 def make_tokenizer() -> TinyTokenizer:
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from backends.tiny import train_tiny_tokenizer
 
-  from jpeft.data import format_query, make_split
-
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=VOCAB,
-    special_tokens=["<eos>"],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    show_progress=False,
-  )
-  corpus = [format_query(r["question"]) + r["answer"] for r in make_split("train", 40, seed=1)]
-  tok.train_from_iterator(corpus, trainer)
+  tok = train_tiny_tokenizer(VOCAB)
   return TinyTokenizer(tok)
 
 

@@ -842,18 +842,6 @@ def test_failed_save_leaves_no_partial_adapter(tiny, bad, existing, where):
 LAUNCH_OVERRIDES = dict(max_steps=1, batch_size=1, n_train=2, n_valid=0, n_test=0, max_new_tokens=2)
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-  from experiments import runners
-
-  def refuse(self):
-    raise AssertionError("the model was loaded before the input error")
-
-  for cls in (runners.Runner, runners.JaxRunner, runners.TorchRunner):
-    monkeypatch.setattr(cls, "load", refuse)
-  monkeypatch.setattr("jpeft.models.loading.load_hf_folder", refuse)
-
-
 def _experiment(tmp_path, adapter_config) -> str:
   folder = tmp_path / "experiments" / "lora" / "case"
   folder.mkdir(parents=True)

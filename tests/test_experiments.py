@@ -70,24 +70,10 @@ def _write_json(path, obj):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A tiny random Llama folder, a tiny byte-level BPE tokenizer folder, and experiment folders."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-
-  from backends.tiny import make_tiny_llama
-  from jpeft.data import format_query, make_split
+  from backends.tiny import make_tiny_llama, make_tiny_tokenizer
 
   root = tmp_path_factory.mktemp("experiments")
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=VOCAB,
-    special_tokens=["<eos>"],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    show_progress=False,
-  )
-  tok.train_from_iterator([format_query(r["question"]) + r["answer"] for r in make_split("train", 40, seed=1)], trainer)
-  PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(root / "tokenizer"))
+  make_tiny_tokenizer(str(root / "tokenizer"), VOCAB)
   make_tiny_llama(str(root / "model"), vocab_size=VOCAB, max_position_embeddings=1024)
 
   exps = root / "experiments"
@@ -392,16 +378,6 @@ def test_failed_run_leaves_a_cancelled_record(assets, monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------
 # input errors, all before the model is loaded
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-  def refuse(self):
-    raise AssertionError("the model was loaded before the input error")
-
-  monkeypatch.setattr(runners.Runner, "load", refuse)
-  monkeypatch.setattr(runners.JaxRunner, "load", refuse)
-  monkeypatch.setattr(runners.TorchRunner, "load", refuse)
 
 
 def _try(assets, folder, backend="jax", **overrides):

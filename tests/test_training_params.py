@@ -17,6 +17,7 @@ import torch
 from backends import get_backend
 from backends.tiny import make_batch, make_tiny_llama
 from experiments import common, runners
+from jpeft.config import JpeftError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,37 +62,15 @@ def _write_json(path, obj):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A tiny random Llama, a tiny byte-level BPE tokenizer, and experiment folders (LoRA, prefix tuning)."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-
-  from jpeft.data import format_query, make_split
+  from backends.tiny import make_tiny_tokenizer
 
   root = tmp_path_factory.mktemp("training_params")
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=VOCAB,
-    special_tokens=["<eos>"],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    show_progress=False,
-  )
-  tok.train_from_iterator([format_query(r["question"]) + r["answer"] for r in make_split("train", 40, seed=1)], trainer)
-  PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(root / "tokenizer"))
+  make_tiny_tokenizer(str(root / "tokenizer"), VOCAB)
   make_tiny_llama(str(root / "model"), vocab_size=VOCAB, max_position_embeddings=1024)
   exps = root / "experiments"
   _write_json(str(exps / "lora" / "tiny" / "adapter_config.json"), LORA)
   _write_json(str(exps / "prefixtuning" / "tiny" / "adapter_config.json"), PREFIX)
   return {"model": str(root / "model"), "tokenizer": str(root / "tokenizer"), "exps": exps}
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-  def refuse(self):
-    raise AssertionError("the model was loaded before the input error")
-
-  for cls in (runners.Runner, runners.JaxRunner, runners.TorchRunner):
-    monkeypatch.setattr(cls, "load", refuse)
 
 
 def _runner(assets, backend, experiment="lora/tiny", *, model=None, **params):
@@ -155,14 +134,20 @@ def test_peft_defaults_load(backend):
     for b in ("jax", "torch")
   ]
   + [
-    ("jax", "prefixtuning/tiny", {"init_kv_cache_prefix": "You are a math tutor."}, "init_kv_cache_prefix is not"),
+    # jpeft has no prefix tuning yet: the method itself is refused first, naming the adapter config file
+    (
+      "jax",
+      "prefixtuning/tiny",
+      {"init_kv_cache_prefix": "You are a math tutor."},
+      r"adapter_config.json: .*PREFIX_TUN",
+    ),
     ("torch", "lora/tiny", {"use_gc": "yes"}, r"use_gc .*must be true or false, got 'yes'"),
     ("jax", "lora/tiny", {"use_amp": 1}, r"use_amp .*must be true or false, got 1"),
     ("torch", "lora/tiny", {"attn_implementation": 2}, r"attn_implementation .*must be null or a string"),
   ],
 )
 def test_refused_values_name_the_key_before_loading(assets, no_loading, backend, experiment, params, message):
-  with pytest.raises(common.ExperimentError, match=message):
+  with pytest.raises(JpeftError, match=message):  # ExperimentError or a config error, both before loading
     runners.run_experiment(
       str(assets["exps"] / experiment),
       backend,
