@@ -20,6 +20,7 @@ from jpeft.models.loading import (
   load_gguf,
   load_hf_folder,
   load_model,
+  load_model_config,
   load_tokenizer,
   load_torch_model,
   params_from_state_dict,
