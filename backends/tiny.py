@@ -142,3 +142,38 @@ def make_tiny_tokenizer(folder: str, vocab_size: int) -> str:
 
   PreTrainedTokenizerFast(tokenizer_object=train_tiny_tokenizer(vocab_size), eos_token="<eos>").save_pretrained(folder)
   return folder
+
+
+# the LoRA experiment config of the tiny experiment tests: r=4 on q and v, no dropout
+TINY_LORA = {
+  "peft_type": "LORA",
+  "r": 4,
+  "lora_alpha": 8,
+  "lora_dropout": 0.0,
+  "target_modules": ["q_proj", "v_proj"],
+  "task_type": "CAUSAL_LM",
+}
+
+
+def write_json(path, obj) -> None:
+  """``obj`` as JSON at ``path``, creating its folders."""
+  import json
+
+  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+def make_experiment_assets(root, experiments: dict, *, vocab_size: int = 320) -> dict:
+  """A tiny random Llama folder, a tiny tokenizer folder and experiment folders under ``root`` (a ``pathlib.Path``).
+
+  ``experiments`` maps ``"<method>/<name>"`` to ``{file name: JSON content}`` (``adapter_config.json``, optionally
+  ``training_params.json``). Returns ``{"root", "model", "tokenizer", "exps"}``.
+  """
+  make_tiny_tokenizer(str(root / "tokenizer"), vocab_size)
+  make_tiny_llama(str(root / "model"), vocab_size=vocab_size, max_position_embeddings=1024)
+  exps = root / "experiments"
+  for name, files in experiments.items():
+    for file_name, content in files.items():
+      write_json(exps / name / file_name, content)
+  return {"root": root, "model": str(root / "model"), "tokenizer": str(root / "tokenizer"), "exps": exps}

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from backends.tiny import TINY_LORA, make_experiment_assets, write_json
 from experiments import common, report, runners
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,14 +32,7 @@ TINY = dict(
   n_inference=2,
   inference_max_new_tokens=2,
 )
-LORA = {
-  "peft_type": "LORA",
-  "r": 4,
-  "lora_alpha": 8,
-  "lora_dropout": 0.0,
-  "target_modules": ["q_proj", "v_proj"],
-  "task_type": "CAUSAL_LM",
-}
+LORA = TINY_LORA
 SCHEMA = {
   "run_info": ("created_at", "total_time", "experiment_name", "train_config", "peft_config", "error_msg", "backend"),
   "train_info": (
@@ -61,35 +55,20 @@ SCHEMA = {
 }
 
 
-def _write_json(path, obj):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A tiny random Llama folder, a tiny byte-level BPE tokenizer folder, and experiment folders."""
-  from backends.tiny import make_tiny_llama, make_tiny_tokenizer
-
   root = tmp_path_factory.mktemp("experiments")
-  make_tiny_tokenizer(str(root / "tokenizer"), VOCAB)
-  make_tiny_llama(str(root / "model"), vocab_size=VOCAB, max_position_embeddings=1024)
-
-  exps = root / "experiments"
-  _write_json(str(exps / "lora" / "tiny-rank4" / "adapter_config.json"), LORA)
-  _write_json(
-    str(exps / "ia3" / "tiny-default" / "adapter_config.json"),
-    {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+  ia3 = {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+  out = make_experiment_assets(
+    root,
+    {
+      "lora/tiny-rank4": {"adapter_config.json": LORA},
+      "ia3/tiny-default": {"adapter_config.json": ia3, "training_params.json": {"optimizer_kwargs": {"lr": 1e-3}}},
+    },
+    vocab_size=VOCAB,
   )
-  _write_json(str(exps / "ia3" / "tiny-default" / "training_params.json"), {"optimizer_kwargs": {"lr": 1e-3}})
-  return {
-    "root": root,
-    "model": str(root / "model"),
-    "tokenizer": str(root / "tokenizer"),
-    "exps": exps,
-    "results": str(root / "results"),
-  }
+  return dict(out, results=str(root / "results"))
 
 
 def _run(assets, experiment, backend, **overrides):
@@ -337,7 +316,7 @@ def test_peft_only_method_runs_on_torch(assets):
 
 
 def test_full_finetuning_on_both_backends(assets):
-  _write_json(
+  write_json(
     str(assets["exps"] / "full-finetuning" / "tiny-lr_0.001" / "training_params.json"),
     {"optimizer_kwargs": {"lr": 1e-3}},
   )
@@ -408,8 +387,8 @@ def test_adapter_config_required_outside_full_finetuning(assets, no_loading, tmp
 
 def test_invalid_training_params_key(assets, no_loading, tmp_path):
   folder = tmp_path / "experiments" / "lora" / "typo"
-  _write_json(str(folder / "adapter_config.json"), LORA)
-  _write_json(str(folder / "training_params.json"), {"learning_rate": 1e-3})
+  write_json(str(folder / "adapter_config.json"), LORA)
+  write_json(str(folder / "training_params.json"), {"learning_rate": 1e-3})
   with pytest.raises(common.ExperimentError) as info:
     _try(assets, folder)
   message = str(info.value)
@@ -419,8 +398,8 @@ def test_invalid_training_params_key(assets, no_loading, tmp_path):
 
 def test_invalid_optimizer_kwargs(assets, no_loading, tmp_path):
   folder = tmp_path / "experiments" / "lora" / "riemannian"
-  _write_json(str(folder / "adapter_config.json"), LORA)
-  _write_json(str(folder / "training_params.json"), {"optimizer_type": "riemannian"})
+  write_json(str(folder / "adapter_config.json"), LORA)
+  write_json(str(folder / "training_params.json"), {"optimizer_type": "riemannian"})
   with pytest.raises(common.ExperimentError, match="riemannian"):
     _try(assets, folder)
 
@@ -465,7 +444,7 @@ def test_full_finetuning_folder_and_shallow_merge(tmp_path):
   assert exp.params["optimizer_kwargs"] == {"lr": 1e-4}
   assert exp.result_filename("jax") == "full-finetuning--smollm2-lr_0.0001--jax.json"
   marker = tmp_path / "experiments" / "lora" / "as-full"
-  _write_json(str(marker / "adapter_config.json"), {"peft_type": "FULL"})
+  write_json(str(marker / "adapter_config.json"), {"peft_type": "FULL"})
   assert common.load_experiment(marker).is_full_finetuning
   # PEFT's cosine schedule warms up over 10% of max_steps unless told otherwise
   config = common.make_train_config(common.load_experiment(marker, {"max_steps": 50}))

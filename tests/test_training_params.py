@@ -15,21 +15,14 @@ import pytest
 import torch
 
 from backends import get_backend
-from backends.tiny import make_batch, make_tiny_llama
+from backends.tiny import TINY_LORA, make_batch, make_experiment_assets, make_tiny_llama, write_json
 from experiments import common, runners
 from jpeft.config import JpeftError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VOCAB = 320
-LORA = {
-  "peft_type": "LORA",
-  "r": 4,
-  "lora_alpha": 8,
-  "lora_dropout": 0.0,
-  "target_modules": ["q_proj", "v_proj"],
-  "task_type": "CAUSAL_LM",
-}
+LORA = TINY_LORA
 # init_lora_weights False: B != 0, so the adapter changes the loss from the first step
 LORA_NONZERO = dict(LORA, init_lora_weights=False)
 PREFIX = {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4, "task_type": "CAUSAL_LM"}
@@ -53,24 +46,14 @@ REMAT = re.compile(r"\b(remat2?|checkpoint)\[")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-def _write_json(path, obj):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A tiny random Llama, a tiny byte-level BPE tokenizer, and experiment folders (LoRA, prefix tuning)."""
-  from backends.tiny import make_tiny_tokenizer
-
-  root = tmp_path_factory.mktemp("training_params")
-  make_tiny_tokenizer(str(root / "tokenizer"), VOCAB)
-  make_tiny_llama(str(root / "model"), vocab_size=VOCAB, max_position_embeddings=1024)
-  exps = root / "experiments"
-  _write_json(str(exps / "lora" / "tiny" / "adapter_config.json"), LORA)
-  _write_json(str(exps / "prefixtuning" / "tiny" / "adapter_config.json"), PREFIX)
-  return {"model": str(root / "model"), "tokenizer": str(root / "tokenizer"), "exps": exps}
+  return make_experiment_assets(
+    tmp_path_factory.mktemp("training_params"),
+    {"lora/tiny": {"adapter_config.json": LORA}, "prefixtuning/tiny": {"adapter_config.json": PREFIX}},
+    vocab_size=VOCAB,
+  )
 
 
 def _runner(assets, backend, experiment="lora/tiny", *, model=None, **params):
@@ -168,8 +151,8 @@ def test_compile_is_accepted_on_jax(assets):
 def test_launcher_reports_one_error_line(assets, tmp_path):
   """``python -m experiments.run`` reports a refused value as its other input errors: one ``error:`` line."""
   folder = tmp_path / "experiments" / "lora" / "flash"
-  _write_json(str(folder / "adapter_config.json"), LORA)
-  _write_json(str(folder / "training_params.json"), {"attn_implementation": "flash_attention_2"})
+  write_json(str(folder / "adapter_config.json"), LORA)
+  write_json(str(folder / "training_params.json"), {"attn_implementation": "flash_attention_2"})
   proc = subprocess.run(
     [
       sys.executable,
