@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from backends.base import Backend, check_state_keys, is_full_finetuning
-from jpeft import checkpoint, core, optim, train
-from jpeft import config as config_lib
+from jpeft import checkpoint, core, optim, registry, train
 from jpeft.trainer import AMP_DTYPE, ATTN_IMPLEMENTATIONS
 from jpeft.generate import generate as jpeft_generate
 from jpeft.models import forward, load_model
@@ -66,7 +65,7 @@ class JaxBackend(Backend):
       self.trainable = dict(self.base_params)
       return
     self.full = False
-    self.peft_config = config_lib.config_from_dict(peft_config)
+    self.peft_config = registry.config_from_dict(peft_config)
     self.trainable, self.params = core.init(jax.random.key(seed), self.base_params, self.peft_config, self.model_config)
     if not autocast_adapter_dtype:
       self.trainable = train.adapter_in_base_dtype(self.trainable, self.params)
@@ -89,7 +88,9 @@ class JaxBackend(Backend):
       self.trainable = {k: jnp.asarray(state[k], v.dtype) for k, v in self.trainable.items()}
       return
     extra = core.embedding_base_layers(self.trainable, self.params, self.peft_config)
-    self.trainable = core.from_state_dict(state, self.trainable, extra=extra)
+    self.trainable = core.from_state_dict(
+      state, self.trainable, extra=extra, config=self.peft_config, params=self.params
+    )
 
   def save_adapter(self, folder: str) -> None:
     if self.full:
@@ -117,7 +118,7 @@ class JaxBackend(Backend):
       return self.trainable
     if self.trainable is None:
       return self.params
-    return core.apply(self.params, self.trainable, self.peft_config)
+    return core.apply(self.params, self.trainable, self.peft_config, model_config=self.model_config)
 
   def logits(self, input_ids, attention_mask) -> np.ndarray:
     self._require()
@@ -185,7 +186,7 @@ class JaxBackend(Backend):
     if self.full:
       shapes = param_shapes(self.model_config)
       return float(loss), {k: np.asarray(v) for k, v in grads.items() if k in shapes}
-    frozen = set(core.get_method(self.peft_config.peft_type).frozen_tensors)
+    frozen = core.frozen_tensors(self.peft_config)
     grads = {m: {t: g for t, g in ts.items() if t not in frozen} for m, ts in grads.items()}
     return float(loss), {k: np.asarray(v) for k, v in core.to_state_dict(grads).items()}
 
@@ -254,7 +255,7 @@ class JaxBackend(Backend):
   def merge(self) -> None:
     if self.full or self.trainable is None:
       return
-    self.params = core.merge(self.params, self.trainable, self.peft_config)
+    self.params = core.merge(self.params, self.trainable, self.peft_config, model_config=self.model_config)
     self.trainable, self._merged, self._opt = None, True, None
 
   def peak_memory_bytes(self) -> int:

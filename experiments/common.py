@@ -244,26 +244,27 @@ def check_adapter_targets(exp: Experiment, model_source: str | None, backend: st
   if exp.peft_config is None or not model_source:
     return
   from jpeft import config as config_lib
+  from jpeft import registry
   from jpeft import targets as targets_lib
   from jpeft.models import loading
-
-  from jpeft import core
   from jpeft.models.llama import module_kinds
 
   where = os.path.join(exp.path, ADAPTER_CONFIG_NAME)
   if backend == "jax":
     try:
-      config = config_lib.config_from_dict(exp.peft_config)
+      config = registry.config_from_dict(exp.peft_config)
     except config_lib.JpeftError as exc:
       raise type(exc)(f"{where}: {exc}") from None
-    supported = core.get_method(config.peft_type).supported_kinds
+    supported = registry.get_method(config.peft_type).supported_kinds
     reported: tuple[type[BaseException], ...] = (targets_lib.TargetError,)
   else:
     config = _targeting_fields(exp.peft_config)
     if config is None:
       return
-    # PEFT's LoRA adapts the same module kinds as jpeft's; for other PEFT-only methods only the names are checked
-    supported = core.get_method(config.peft_type).supported_kinds if config.peft_type == "LORA" else None
+    # PEFT adapts the same module kinds as jpeft for the methods jpeft implements; for PEFT-only methods only the
+    # names are checked
+    implemented = config.peft_type in registry.registered_peft_types()
+    supported = registry.get_method(config.peft_type).supported_kinds if implemented else None
     # a missing default is PEFT's to report (its table may know the method)
     reported = (
       targets_lib.NoMatchingTargetsError,

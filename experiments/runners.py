@@ -222,7 +222,7 @@ class JaxRunner(Runner):
     self.jpeft_config = None
 
   def check_config(self) -> None:
-    from jpeft import config as config_lib
+    from jpeft import registry
 
     # PEFT's switches: use_gc, use_amp, autocast_adapter_dtype are honoured by jpeft.trainer, compile is always
     # on (jit); attn_implementation and init_kv_cache_prefix only where jpeft implements what they say
@@ -230,7 +230,7 @@ class JaxRunner(Runner):
     if problems:
       raise common.ExperimentError(f"{self.exp.experiment_name} on jax: {'; '.join(problems)}")
     if self.exp.peft_config is not None:
-      self.jpeft_config = config_lib.config_from_dict(self.exp.peft_config)  # UnsupportedConfigError
+      self.jpeft_config = registry.config_from_dict(self.exp.peft_config)  # UnsupportedConfigError
 
   def resolved_peft_config(self):
     from jpeft import config as config_lib

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import config as config_lib
-from jpeft import core
+from jpeft import core, registry
 from jpeft.models.llama import LlamaConfig, param_shapes
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,11 +90,9 @@ def _state_to_save(adapter, config, params) -> dict[str, np.ndarray]:
     for name in tensors:
       if not isinstance(name, str):
         raise core.AdapterCheckpointError(f"adapter entry {module!r}: tensor names are strings, got {name!r}")
-  frozen = set(core.get_method(config.peft_type).frozen_tensors)  # may hold integer indices (FourierFT)
-  floating = {core.peft_key(m, t): t not in frozen for m, ts in adapter.items() for t in ts}
   state = {}
   for key, value in core.to_state_dict(adapter, params, config).items():
-    core.check_tensor(value, key, "adapter to save", floating=floating.get(key, True))
+    core.check_tensor(value, key, "adapter to save")
     state[key] = _to_numpy(value)
   return state
 
@@ -154,14 +152,16 @@ def load_pretrained(folder: str, params, model_config: LlamaConfig, *, key=None)
     raise config_lib.FileMissingError(
       f"adapter folder {folder!r} {what} (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} inside)"
     )
-  config = config_lib.load_config(folder)
+  config = registry.load_config(folder)
   weights = os.path.join(folder, ADAPTER_WEIGHTS)
   if not os.path.exists(weights):
     raise config_lib.FileMissingError(f"adapter weights not found: {weights!r} (the folder has {ADAPTER_CONFIG} only)")
   template, params = core.init(key if key is not None else jax.random.key(0), params, config, model_config)
   state = read_safetensors(weights)
   extra = core.embedding_base_layers(template, params, config)
-  adapter = core.from_state_dict(state, template, source=os.path.join(folder, ADAPTER_WEIGHTS), extra=extra)
+  adapter = core.from_state_dict(
+    state, template, source=os.path.join(folder, ADAPTER_WEIGHTS), extra=extra, config=config, params=params
+  )
   params = dict(params)
   for key in extra:  # PEFT loads saved embedding base layers into the base model
     if key in state:

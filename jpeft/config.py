@@ -2,24 +2,22 @@
 
 Every config class mirrors the fields (names and defaults) of the matching Hugging Face PEFT config class, so a
 folder written by :func:`save_config` loads with ``peft.PeftConfig.from_pretrained`` and a folder written by PEFT
-loads with :func:`load_config`.  Values are normalised so that configs are hashable and can be used as static
+loads with :func:`jpeft.registry.load_config`.  Values are normalised so that configs are hashable and can be used as static
 arguments of jitted functions: lists and sets become tuples, dicts become :class:`FrozenDict` (which keeps the
 insertion order, because PEFT's ``rank_pattern``/``alpha_pattern`` matching depends on it).
 
-New methods add their config class in their own module::
-
-    @register_config
-    @dataclasses.dataclass(frozen=True, kw_only=True)
-    class IA3Config(PeftConfig):
-        peft_type: str = "IA3"
-        ...
+This module holds what every method shares: the error hierarchy, :class:`FrozenDict`, the base
+:class:`PeftConfig` (PEFT's base and targeting fields, type and range checks), JSON output and the
+``rank_pattern``-style pattern lookup. It imports no method. Each method's config class lives in the method's
+own file (``jpeft/methods/<method>.py``) and is registered together with the method
+(:func:`jpeft.methods.base.register`); reading a config by its ``peft_type`` (:func:`jpeft.registry.config_from_dict`,
+:func:`jpeft.registry.load_config`) goes through that one table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib
 import importlib.metadata
 import json
 import math
@@ -38,25 +36,20 @@ __all__ = [
   "CONFIG_NAME",
   "PEFT_METHOD_TYPES",
   "TASK_TYPES",
+  "AdapterCheckpointError",
   "ConfigTypeError",
   "FileMissingError",
   "FrozenDict",
   "InvalidConfigError",
   "JpeftError",
-  "LoraConfig",
   "PeftConfig",
   "UnsupportedConfigError",
-  "config_from_dict",
+  "build_config",
   "config_json",
   "config_to_dict",
-  "get_config_class",
   "get_pattern_key",
-  "load_config",
-  "lora_scaling",
-  "register_config",
-  "registered_peft_types",
+  "read_config_file",
   "resolve_pattern",
-  "resolve_rank_alpha",
   "save_config",
 ]
 
@@ -136,7 +129,7 @@ class JpeftError(ValueError):
       ├── UnsupportedConfigError        a valid PEFT config using a feature jpeft does not implement
       ├── FileMissingError              an adapter file that is not there (also a FileNotFoundError)
       ├── jpeft.targets.TargetError     target modules that match nothing, or modules the method cannot adapt
-      ├── jpeft.core.AdapterCheckpointError    adapter tensors that do not fit the config or the model
+      ├── AdapterCheckpointError        adapter tensors that do not fit the config or the model
       ├── jpeft.models.loading.CheckpointError model weights that do not fit the model config
       └── experiments.common.ExperimentError   an experiment folder, training params or dataset that cannot run
   """
@@ -156,6 +149,10 @@ class UnsupportedConfigError(JpeftError):
 
 class FileMissingError(JpeftError, FileNotFoundError):
   """A file jpeft needs (an adapter config, adapter weights) that does not exist (also a ``FileNotFoundError``)."""
+
+
+class AdapterCheckpointError(JpeftError):
+  """An adapter (a checkpoint file or an adapter pytree) that does not fit its config or the model."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,67 +265,6 @@ def _thaw(value: Any) -> Any:
 
 def _show(value: Any) -> str:
   return repr(_thaw(value))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Registry
-# ---------------------------------------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, type["PeftConfig"]] = {}
-
-
-def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
-  """Class decorator registering a :class:`PeftConfig` subclass under its ``peft_type`` default."""
-  if not (isinstance(cls, type) and issubclass(cls, PeftConfig)):
-    raise TypeError(f"register_config expects a PeftConfig subclass, got {cls!r}")
-  if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
-    raise TypeError(f"{cls.__name__} must itself be decorated with @dataclasses.dataclass")
-  peft_type = cls.__dataclass_fields__["peft_type"].default
-  if not isinstance(peft_type, str) or not peft_type:
-    raise TypeError(f"{cls.__name__} must give `peft_type` a string default (e.g. peft_type: str = 'LORA')")
-  existing = _REGISTRY.get(peft_type)
-  if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-    raise ValueError(f"peft_type {peft_type!r} is already registered by {existing.__module__}.{existing.__name__}")
-  _REGISTRY[peft_type] = cls
-  return cls
-
-
-def registered_peft_types() -> tuple[str, ...]:
-  """The peft_type strings that jpeft has a config class for, sorted."""
-  return tuple(sorted(_REGISTRY))
-
-
-def _load_method_modules() -> None:
-  # Method configs register themselves when their module is imported.
-  try:
-    importlib.import_module("jpeft.methods")
-  except ImportError:
-    pass
-
-
-def get_config_class(peft_type: str) -> type["PeftConfig"]:
-  """The registered config class for ``peft_type``; raises :class:`UnsupportedConfigError` if there is none."""
-  peft_type = _freeze(peft_type)
-  if peft_type not in _REGISTRY:
-    _load_method_modules()
-  cls = _REGISTRY.get(peft_type)
-  if cls is not None:
-    return cls
-  supported = ", ".join(registered_peft_types()) or "(none)"
-  if isinstance(peft_type, str) and peft_type != peft_type.upper() and peft_type.upper() in PEFT_METHOD_TYPES:
-    raise UnsupportedConfigError(
-      f"Unknown peft_type {peft_type!r}: PEFT's peft_type values are upper case (did you mean "
-      f"{peft_type.upper()!r}?). Supported peft_type values: {supported}."
-    )
-  if peft_type in PEFT_METHOD_TYPES:
-    raise UnsupportedConfigError(
-      f"peft_type {peft_type!r} is a PEFT method that is not (yet) implemented in jpeft. "
-      f"Supported peft_type values: {supported}."
-    )
-  raise UnsupportedConfigError(
-    f"Unknown peft_type {peft_type!r}: it is neither a PEFT method nor registered in jpeft. "
-    f"Supported peft_type values: {supported}."
-  )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,7 +409,7 @@ class PeftConfig:
   Subclasses set class-level metadata:
 
   * ``peft_absent_fields``: fields of this base class that the PEFT config class does not have; they are not
-    written by :func:`config_to_dict` and are treated as unknown keys by :func:`config_from_dict`.
+    written by :func:`config_to_dict` and are treated as unknown keys by :func:`build_config`.
   * ``not_serialized_fields``: fields PEFT drops when saving (e.g. LoRA's ``runtime_config``).
   * ``unsupported_fields``: field name -> predicate telling whether the value turns on a feature jpeft does not
     implement; such a value raises :class:`UnsupportedConfigError`.
@@ -614,186 +550,6 @@ def _field_default(cls: type, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LoRA
-# ---------------------------------------------------------------------------------------------------------------
-
-# init_lora_weights values implemented by jpeft (the strings compared as PEFT compares them).
-_SUPPORTED_LORA_INITS = ("gaussian", "pissa", "olora")
-# init_lora_weights values PEFT knows but jpeft does not implement.
-_UNSUPPORTED_LORA_INITS = ("eva", "corda", "loftq", "orthogonal", "mica", "lora_ga")
-
-
-@register_config
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraConfig(PeftConfig):
-  """PEFT 0.21.2's ``LoraConfig``: every field, with PEFT's defaults.
-
-  Implemented: ``r``, ``lora_alpha``, ``lora_dropout``, ``bias``, ``use_rslora``, ``use_dora``,
-  ``init_lora_weights`` in (True, False, "gaussian", "pissa", "olora"), ``rank_pattern``, ``alpha_pattern`` and
-  the targeting fields.  Any other feature switched on raises :class:`UnsupportedConfigError`.
-  """
-
-  peft_type: Optional[str] = "LORA"
-  r: int = 8
-  lora_alpha: Union[int, float] = 8
-  lora_dropout: float = 0.0
-  fan_in_fan_out: bool = False
-  bias: str = "none"
-  use_rslora: bool = False
-  init_lora_weights: Union[bool, str] = True
-  rank_pattern: Optional[FrozenDict] = FrozenDict()
-  alpha_pattern: Optional[FrozenDict] = FrozenDict()
-  megatron_config: Optional[FrozenDict] = None
-  megatron_core: Optional[str] = "megatron.core"
-  trainable_token_indices: Optional[Union[tuple[int, ...], FrozenDict]] = None
-  loftq_config: Optional[FrozenDict] = FrozenDict()  # PEFT treats null as {}
-  eva_config: Optional[FrozenDict] = None
-  corda_config: Optional[FrozenDict] = None
-  lora_ga_config: Optional[FrozenDict] = None
-  use_dora: bool = False
-  velora_config: Optional[FrozenDict] = None
-  alora_invocation_tokens: Optional[tuple[int, ...]] = None
-  use_qalora: bool = False
-  qalora_group_size: int = 16
-  monteclora_config: Optional[FrozenDict] = None
-  layer_replication: Optional[tuple[tuple[int, int], ...]] = None
-  runtime_config: FrozenDict = FrozenDict(ephemeral_gpu_offload=False)
-  lora_bias: bool = False
-  target_parameters: Optional[tuple[str, ...]] = None
-  use_bdlora: Optional[FrozenDict] = None
-  arrow_config: Optional[FrozenDict] = None
-  kasa_config: Optional[FrozenDict] = None
-  ensure_weight_tying: bool = False
-
-  not_serialized_fields: ClassVar[frozenset[str]] = frozenset({"runtime_config"})
-  unsupported_fields: ClassVar[Mapping[str, Callable[[Any], bool]]] = {
-    # PEFT turns a variant on whenever the sub-config is present (even an empty dict becomes a default
-    # sub-config instance, which is truthy).
-    "kasa_config": _is_not_none,
-    "use_bdlora": _is_not_none,
-    "arrow_config": _is_not_none,
-    "velora_config": _is_not_none,
-    "monteclora_config": _is_not_none,
-    "trainable_token_indices": _is_not_none,
-    "alora_invocation_tokens": _is_truthy,
-    "megatron_config": _is_truthy,
-    "layer_replication": _is_truthy,
-    "target_parameters": _is_truthy,
-    "use_qalora": _is_truthy,
-    "lora_bias": _is_truthy,
-    "ensure_weight_tying": _is_truthy,
-  }
-
-  def validate(self) -> None:
-    r = self.r
-    if isinstance(r, bool) or not isinstance(r, int):
-      raise ConfigTypeError(f"`r` should be an int, got {_show(r)} ({_type_name(r)})")
-    if r <= 0:
-      raise InvalidConfigError(f"`r` should be a positive integer value but the value passed is {r}")
-    _check_finite_number("lora_alpha", self.lora_alpha)
-    self._check_dropout()
-    if self.bias not in ("none", "all", "lora_only"):
-      raise InvalidConfigError(
-        f"Requested bias: {_show(self.bias)}, is not implemented (`bias` must be 'none', 'all' or 'lora_only')."
-      )
-    for name in ("rank_pattern", "alpha_pattern"):
-      value = getattr(self, name)
-      if value is None:
-        self._set(name, FrozenDict())
-      elif not isinstance(value, FrozenDict):
-        raise ConfigTypeError(f"`{name}` must be a dict, got {_show(value)}")
-      for key, v in getattr(self, name).items():
-        if not isinstance(key, str):
-          raise ConfigTypeError(f"`{name}` keys must be strings (module name patterns), got {key!r}")
-        _check_regex(name, key, rf"(.*\.)?({key})$")  # get_pattern_key's match
-        if name == "rank_pattern":
-          if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigTypeError(f"`rank_pattern`[{key!r}] must be an integer rank, got {_show(v)} ({_type_name(v)})")
-          if v <= 0:
-            raise InvalidConfigError(
-              f"`rank_pattern`[{key!r}]: `r` should be a positive integer value but the value passed is {v}"
-            )
-        else:
-          _check_finite_number(f"alpha_pattern[{key!r}]", v)
-    if isinstance(self.target_parameters, str):
-      raise ConfigTypeError("`target_parameters` must be a list of strings or None.")
-    if self.use_dora and self.megatron_config:
-      raise InvalidConfigError(
-        "DoRA does not support megatron_core (`megatron_config` is set), please set `use_dora=False`."
-      )
-    if self.lora_bias:
-      if self.init_lora_weights not in (True, False):
-        raise InvalidConfigError(
-          f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
-          f"init_lora_weights={self.init_lora_weights} instead."
-        )
-      if self.use_dora:
-        raise InvalidConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
-    if self.fan_in_fan_out:
-      # PEFT does the same for nn.Linear targets (every Llama-like target); only GPT-2 style Conv1D layers
-      # use fan_in_fan_out=True, and jpeft has none.
-      logging.warning(
-        "fan_in_fan_out is set to True but the target modules are Linear layers. Setting fan_in_fan_out to False."
-      )
-      self._set("fan_in_fan_out", False)
-    self._check_init_lora_weights()
-    self._check_init_sub_configs()
-
-  def _check_dropout(self) -> None:
-    p = self.lora_dropout
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-      raise ConfigTypeError(f"`lora_dropout` must be a number in [0, 1), got {_show(p)} ({_type_name(p)})")
-    if not 0.0 <= p < 1.0:  # also refuses NaN
-      why = (
-        "a dropout of 1 zeroes every input of the adapter, so nothing trains (and the kept inputs' rescaling "
-        "1 / (1 - p) divides by zero, giving NaN gradients)"
-        if p == 1.0
-        else "it is a probability"
-      )
-      raise InvalidConfigError(
-        f"`lora_dropout` (the dropout probability) has to be in [0, 1), i.e. 0 <= lora_dropout < 1, but got {p!r}: "
-        f"{why}."
-      )
-
-  def _check_init_lora_weights(self) -> None:
-    init = self.init_lora_weights
-    if isinstance(init, bool):
-      return
-    if not isinstance(init, str):
-      raise ConfigTypeError(
-        f"Unknown initialization init_lora_weights={init!r} (`init_lora_weights` is a bool or a str)"
-      )
-    lowered = init.lower()
-    if lowered in ("gaussian", "olora"):
-      self._set("init_lora_weights", lowered)
-      return
-    if init == "pissa":
-      return
-    # The same comparisons as PEFT's LoraLayer.update_layer: anything else is an unknown initialization there.
-    if init in _UNSUPPORTED_LORA_INITS or lowered == "mica" or init.startswith(("pissa", "corda")):
-      raise UnsupportedConfigError(
-        f"{self.peft_type} config field `init_lora_weights`={init!r} is not supported by jpeft "
-        f"(supported: True, False, {', '.join(repr(s) for s in _SUPPORTED_LORA_INITS)})."
-      )
-    raise InvalidConfigError(
-      f"Unknown initialization init_lora_weights={init!r} (`init_lora_weights` must be true, false or one of "
-      f"{', '.join(repr(s) for s in _SUPPORTED_LORA_INITS)})"
-    )
-
-  def _check_init_sub_configs(self) -> None:
-    # The init sub-configs only matter together with their init_lora_weights value, which is refused above;
-    # otherwise PEFT ignores them (and resets loftq_config to {}), and so does jpeft.
-    if self.loftq_config is None:
-      self._set("loftq_config", FrozenDict())
-    if self.loftq_config:
-      logging.warning("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
-      self._set("loftq_config", FrozenDict())
-    for name, init in (("eva_config", "eva"), ("corda_config", "corda"), ("lora_ga_config", "lora_ga")):
-      if getattr(self, name) is not None:
-        logging.warning(f"`{name}` specified but will be ignored when `init_lora_weights` is not '{init}'.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # dict / JSON conversion
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -806,12 +562,8 @@ def _serialized_fields(cls: type[PeftConfig]) -> list[str]:
   ]
 
 
-def config_from_dict(d: Mapping[str, Any]) -> PeftConfig:
-  """Builds the registered config class named by ``d["peft_type"]``.
-
-  Keys that are not fields of the PEFT config are ignored with a warning (forward compatibility, as in PEFT);
-  missing keys take PEFT's defaults.
-  """
+def check_config_dict(d: Any) -> str:
+  """The ``peft_type`` of an adapter config dict; raises :class:`InvalidConfigError` when there is none."""
   if not isinstance(d, Mapping):
     raise InvalidConfigError(f"an adapter config must be a JSON object / dict, got {type(d).__name__}")
   if "peft_type" not in d or d["peft_type"] is None:
@@ -823,7 +575,15 @@ def config_from_dict(d: Mapping[str, Any]) -> PeftConfig:
     raise ConfigTypeError(
       f"`peft_type` must be a string such as 'LORA', got {_show(peft_type)} ({_type_name(peft_type)})"
     )
-  cls = get_config_class(peft_type)
+  return peft_type
+
+
+def build_config(cls: type[PeftConfig], d: Mapping[str, Any]) -> PeftConfig:
+  """``cls`` from an adapter config dict, as PEFT's ``from_peft_type`` builds it.
+
+  Keys that are not fields of the PEFT config are ignored with a warning (forward compatibility, as in PEFT);
+  missing keys take PEFT's defaults.
+  """
   known = {f.name for f in dataclasses.fields(cls)} - cls.peft_absent_fields
   kwargs = {k: v for k, v in d.items() if k in known}
   unknown = sorted((k for k in d if k not in known), key=str)
@@ -893,11 +653,11 @@ def temp_path_for(path: str) -> str:
   return tmp
 
 
-def load_config(path: Union[str, os.PathLike]) -> PeftConfig:
-  """Reads an adapter config from a folder (its ``adapter_config.json``) or from a JSON file path.
+def read_config_file(path: Union[str, os.PathLike]) -> tuple[str, dict]:
+  """``(file, dict)`` of an adapter config in a folder (its ``adapter_config.json``) or at a JSON file path.
 
-  Raises :class:`FileMissingError` (a ``FileNotFoundError``) when there is no config file, and otherwise a
-  :class:`JpeftError` whose message starts with the file's path.
+  Raises :class:`FileMissingError` (a ``FileNotFoundError``) when there is no config file, and otherwise an
+  :class:`InvalidConfigError` whose message starts with the file's path.
   """
   path = os.fspath(path)
   file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
@@ -916,14 +676,11 @@ def load_config(path: Union[str, os.PathLike]) -> PeftConfig:
     raise InvalidConfigError(f"{file}: invalid JSON (nested too deeply)") from None
   if not isinstance(data, dict):
     raise InvalidConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
-  try:
-    return config_from_dict(data)
-  except JpeftError as e:
-    raise type(e)(f"{file}: {e}") from None
+  return file, data
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-module rank / alpha
+# Per-module patterns (rank_pattern, alpha_pattern, n_frequency_pattern, ...)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -943,22 +700,53 @@ def resolve_pattern(patterns: Optional[Mapping[str, Any]], key: str, default: An
   return default if p is None else patterns[p]
 
 
-def resolve_rank_alpha(config: PeftConfig, module_name: str) -> tuple[int, Union[int, float]]:
-  """``(r, alpha)`` of one adapted module after PEFT's ``rank_pattern`` / ``alpha_pattern`` resolution."""
-  base_alpha = getattr(config, "lora_alpha", None)
-  if base_alpha is None:
-    base_alpha = getattr(config, "alpha", None)
-  r = resolve_pattern(getattr(config, "rank_pattern", None), module_name, config.r)  # type: ignore[attr-defined]
-  alpha = resolve_pattern(getattr(config, "alpha_pattern", None), module_name, base_alpha)
-  if r <= 0:
-    raise InvalidConfigError(
-      f"{module_name}: `r` should be a positive integer value but the value passed is {r} (after rank_pattern)"
+# ---------------------------------------------------------------------------------------------------------------
+# Checks the method configs share (each method's config class calls these from its ``validate``)
+# ---------------------------------------------------------------------------------------------------------------
+
+show = _show
+type_name = _type_name
+check_regex = _check_regex
+check_finite_number = _check_finite_number
+is_truthy = _is_truthy
+is_not_none = _is_not_none
+field_default = _field_default
+
+
+def check_int(field: str, value: Any, *, minimum: Optional[int] = None, what: str = "") -> None:
+  """``value`` is an int (not a bool) and at least ``minimum``; the error names ``field``."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ConfigTypeError(f"`{field}` should be an int, got {_show(value)} ({_type_name(value)})")
+  if minimum is not None and value < minimum:
+    bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise InvalidConfigError(f"`{field}` should be {bound}{what} but the value passed is {value}")
+
+
+def check_probability(field: str, p: Any) -> None:
+  """A dropout probability in ``[0, 1)``; the error names ``field`` and says why 1 is refused."""
+  if isinstance(p, bool) or not isinstance(p, (int, float)):
+    raise ConfigTypeError(f"`{field}` must be a number in [0, 1), got {_show(p)} ({_type_name(p)})")
+  if not 0.0 <= p < 1.0:  # also refuses NaN
+    why = (
+      "a dropout of 1 zeroes every input of the adapter, so nothing trains (and the kept inputs' rescaling "
+      "1 / (1 - p) divides by zero, giving NaN gradients)"
+      if p == 1.0
+      else "it is a probability"
     )
-  return r, alpha
+    raise InvalidConfigError(
+      f"`{field}` (the dropout probability) has to be in [0, 1), i.e. 0 <= {field} < 1, but got {p!r}: {why}."
+    )
 
 
-def lora_scaling(r: int, alpha: Union[int, float], use_rslora: bool = False) -> float:
-  """LoRA's scaling: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``."""
-  if r <= 0:
-    raise InvalidConfigError(f"`r` should be a positive integer value but the value passed is {r}")
-  return alpha / math.sqrt(r) if use_rslora else alpha / r
+def check_pattern_dict(field: str, value: Any, check_value: Callable[[str, Any], None]) -> FrozenDict:
+  """A ``rank_pattern``-style dict: string keys that compile as PEFT's suffix match, each value checked."""
+  if value is None:
+    return FrozenDict()
+  if not isinstance(value, FrozenDict):
+    raise ConfigTypeError(f"`{field}` must be a dict, got {_show(value)}")
+  for key, v in value.items():
+    if not isinstance(key, str):
+      raise ConfigTypeError(f"`{field}` keys must be strings (module name patterns), got {key!r}")
+    _check_regex(field, key, rf"(.*\.)?({key})$")  # get_pattern_key's match
+    check_value(f"{field}[{key!r}]", v)
+  return value

@@ -23,9 +23,8 @@ and the PEFT key of a tensor is ``base_model.model.<module>.<tensor>`` (``base_m
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,73 +32,39 @@ import numpy as np
 from absl import logging
 
 from jpeft import config as config_lib
+from jpeft import registry
 from jpeft import targets as targets_lib
+from jpeft.config import AdapterCheckpointError
+from jpeft.methods.base import SHARED, Method, ModuleSpec
 from jpeft.models.llama import LlamaConfig, base_array, module_kinds
+
+__all__ = [
+  "SHARED",
+  "AdapterCheckpointError",
+  "Method",
+  "ModuleSpec",
+  "UnmergeableError",
+  "apply",
+  "from_state_dict",
+  "get_method",
+  "init",
+  "merge",
+  "project",
+  "to_state_dict",
+  "trainable_mask",
+  "unmerge",
+]
 
 Array = jax.Array
 Adapter = dict  # {module name: {tensor name: array}}
-SHARED = "__shared__"
 PEFT_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
+get_method = registry.get_method
 
 
-class AdapterCheckpointError(config_lib.JpeftError):
-  """An adapter (a checkpoint file or an adapter pytree) that does not fit its config or the model."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleSpec:
-  """What a method sees of one targeted module."""
-
-  name: str  # Hugging Face module path, e.g. "model.layers.0.self_attn.q_proj"
-  kind: str  # "linear" | "embedding" | "norm"
-  weight: Any  # the base weight array ((out, in) for linear, (V, H) for embedding)
-  bias: Any = None  # the base bias or None
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """A PEFT method as pure functions over one module at a time.
-
-  Attributes:
-    peft_type: PEFT's ``peft_type`` string.
-    init_module: ``(key, spec, config) -> {tensor name: array}`` -- the module's adapter tensors, named as
-      in PEFT's state dict (without the module prefix), at PEFT's initialisation.
-    adapt_module: ``(spec, tensors, config, shared, rng) -> {param suffix: entry}`` -- the entries that
-      replace the module's params in the model (e.g. ``{"weight": LoraWeight(...)}``). ``rng`` is a key for
-      dropout or None (eval).
-    init_shared: optional ``(key, params, config, targets) -> {name: array}`` for model-level tensors.
-    prepare_base: optional ``(spec, tensors, config) -> new base weight`` for methods that rewrite the base
-      at init (PiSSA/OLoRA residuals); re-run when a checkpoint is loaded, as PEFT does.
-    frozen_tensors: names of adapter tensors that are saved but never trained.
-    supported_kinds: the module kinds (``jpeft.models.llama.module_kinds``) the method can adapt; a target of
-      another kind is refused by name (PEFT: LoRA adapts ``nn.Linear`` and ``nn.Embedding``, not norms).
-  """
-
-  peft_type: str
-  init_module: Callable[..., dict]
-  adapt_module: Callable[..., dict]
-  init_shared: Callable[..., dict] | None = None
-  prepare_base: Callable[..., Any] | None = None
-  frozen_tensors: tuple[str, ...] = ()
-  supported_kinds: tuple[str, ...] = ("linear",)
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-  _METHODS[method.peft_type] = method
-  return method
-
-
-def get_method(peft_type: str) -> Method:
-  if peft_type not in _METHODS:
-    import jpeft.methods  # noqa: F401  (methods register on import)
-  if peft_type not in _METHODS:
-    config_lib.get_config_class(peft_type)  # raises the error that lists what is supported
-    raise config_lib.UnsupportedConfigError(f"peft_type {peft_type!r} has a config but no implementation")
-  return _METHODS[peft_type]
+class UnmergeableError(config_lib.JpeftError):
+  """``merge`` of a method whose adapted modules have no merged weight (they depend on the input, or add a path
+  that is no weight, such as a prompt)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,7 +110,8 @@ def init(key: Array, params, config, model_config: LlamaConfig):
   """A fresh adapter at PEFT's initialisation.
 
   Returns ``(adapter, params)``; ``params`` is the input unless the method rewrites the base at init
-  (PiSSA/OLoRA), in which case it holds the residual weights the adapter was built against.
+  (PiSSA/OLoRA), in which case it holds the residual weights the adapter was built against. The adapter holds the
+  tensors PEFT saves (trained and frozen ones), never the derived ones (see :mod:`jpeft.methods.base`).
   """
   method = get_method(config.peft_type)
   resolution = resolve(config, model_config)
@@ -158,19 +124,18 @@ def init(key: Array, params, config, model_config: LlamaConfig):
     )
   adapter: Adapter = {}
   params = dict(params)
+  specs = {name: _module_spec(params, name, kinds[name], model_config) for name in resolution.targets}
   keys = jax.random.split(key, len(resolution.targets) + 1)
   for k, name in zip(keys[1:], resolution.targets):
-    spec = _module_spec(params, name, kinds[name], model_config)
-    tensors = method.init_module(k, spec, config)
-    dtype = _adapter_dtype(spec, config)
-    tensors = {t: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for t, v in tensors.items()}
+    spec = specs[name]
+    tensors = _cast_floats(method.init_module(k, spec, config), _adapter_dtype(spec, config))
     if method.prepare_base is not None:
       new_base = method.prepare_base(spec, tensors, config)
       if new_base is not None:
         params[name + ".weight"] = new_base.astype(spec.weight.dtype)
     adapter[name] = tensors
   if method.init_shared is not None:
-    shared = method.init_shared(keys[0], params, config, resolution.targets)
+    shared = method.init_shared(keys[0], specs, config)
     if shared:
       adapter[SHARED] = shared
   for name in resolution.modules_to_save:
@@ -179,6 +144,7 @@ def init(key: Array, params, config, model_config: LlamaConfig):
     if spec.bias is not None:
       copy["bias"] = jnp.array(spec.bias)
     adapter[name] = copy
+  adapter = project(adapter, config)
   logging.info(
     "%s adapter: %d adapted modules, %d full copies, %d trainable parameters",
     config.peft_type,
@@ -189,30 +155,19 @@ def init(key: Array, params, config, model_config: LlamaConfig):
   return adapter, params
 
 
-def apply(params, adapter: Adapter, config, *, rng: Array | None = None):
-  """Params where every targeted module's entries are adapted (pure, jit-able; ``config`` is static).
+def _cast_floats(tensors, dtype):
+  return {t: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for t, v in tensors.items()}
 
-  Args:
-    params: base params (plain arrays).
-    adapter: the adapter pytree.
-    config: the method's config.
-    rng: a key for dropout (training); None evaluates without dropout.
-  """
+
+def _adapted_specs(params, adapter: Adapter, config, model_config: LlamaConfig | None) -> dict[str, ModuleSpec]:
+  """The :class:`ModuleSpec` of every module the adapter adapts (not its full copies), by name, kinds checked."""
   method = get_method(config.peft_type)
-  out = dict(params)
-  shared = adapter.get(SHARED, {})
   save = set(_modules_to_save(adapter, config))
-  # one dropout key per module by sorted name, not dict order: jit flattens dicts in sorted key order, so the
-  # same rng drops the same units eagerly and under jit
-  names = sorted(n for n in adapter if n != SHARED)
-  rngs = jax.random.split(rng, len(names)) if rng is not None else [None] * len(names)
-  for r, name in zip(rngs, names):
-    tensors = adapter[name]
-    if name in save:
-      for suffix, value in tensors.items():
-        out[f"{name}.{suffix}"] = value
+  specs = {}
+  for name in adapter:
+    if name == SHARED or name in save:
       continue
-    kind = module_kind(name)
+    kind = module_kind(name, model_config)
     if kind not in method.supported_kinds:
       raise targets_lib.UnsupportedTargetError(
         f"the adapter adapts {name!r}, a {targets_lib.describe_kind(kind)} layer, which {config.peft_type} does "
@@ -223,10 +178,52 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None):
     weight_key = "model.embed_tokens.weight" if tied_head else name + ".weight"
     if weight_key not in params:
       raise AdapterCheckpointError(f"the adapter adapts {name!r}, but the model params have no {weight_key!r}")
-    spec = ModuleSpec(name, kind, params[weight_key], params.get(name + ".bias"))
-    for suffix, entry in method.adapt_module(spec, tensors, config, shared, r).items():
+    specs[name] = ModuleSpec(name, kind, params[weight_key], params.get(name + ".bias"))
+  return specs
+
+
+def apply(params, adapter: Adapter, config, *, rng: Array | None = None, model_config: LlamaConfig | None = None):
+  """Params where every targeted module's entries are adapted (pure, jit-able; ``config`` is static).
+
+  Args:
+    params: base params (plain arrays).
+    adapter: the adapter pytree.
+    config: the method's config.
+    rng: a key for dropout (training); None evaluates without dropout.
+    model_config: the model's config; module kinds then come from the model itself (``module_kinds``). Without it
+      they come from the Llama layer layout (every Llama layer has the same modules), and a name that is no Llama
+      module is refused.
+  """
+  method = get_method(config.peft_type)
+  out = dict(params)
+  specs = _adapted_specs(params, adapter, config, model_config)
+  shared = dict(adapter.get(SHARED, {}))
+  if method.derive_shared is not None:
+    shared.update(method.derive_shared(specs, config))
+  # one dropout key per module by sorted name, not dict order: jit flattens dicts in sorted key order, so the
+  # same rng drops the same units eagerly and under jit
+  names = sorted(n for n in adapter if n != SHARED)
+  rngs = jax.random.split(rng, len(names)) if rng is not None else [None] * len(names)
+  for r, name in zip(rngs, names):
+    if name not in specs:  # a modules_to_save copy replaces the module's params
+      for suffix, value in adapter[name].items():
+        out[f"{name}.{suffix}"] = value
+      continue
+    for suffix, entry in method.adapt_module(specs[name], adapter[name], config, shared, r).items():
       out[f"{name}.{suffix}"] = entry
   return out
+
+
+def project(adapter: Adapter, config) -> Adapter:
+  """The adapter with the method's parameter constraint enforced (OFT's COFT); the identity for most methods.
+
+  The train step applies it after every optimizer update (PEFT overwrites the parameters in place on every
+  forward), and ``init`` and ``merge`` apply it. The method's forward enforces the same constraint on whatever it
+  is given (without a gradient through it, as PEFT's ``no_grad`` projection), so a loaded or hand-made adapter
+  computes what PEFT computes with it.
+  """
+  method = get_method(config.peft_type)
+  return adapter if method.project is None else method.project(adapter, config)
 
 
 def _layer_template() -> dict[str, str]:
@@ -274,13 +271,23 @@ def materialize(params):
   return {k: (v.materialize() if hasattr(v, "materialize") else v) for k, v in params.items()}
 
 
-def merge(params, adapter: Adapter, config):
+def merge(params, adapter: Adapter, config, *, model_config: LlamaConfig | None = None):
   """Plain base-shaped params with the adapter merged in (PEFT's ``merge_and_unload``).
 
   The input ``params`` are not modified: they remain the un-merged base (that is "disable" and
   "unmerge" in a functional library).
+
+  Raises:
+    UnmergeableError: an adapted module has no merged weight (``materialize``).
   """
-  adapted = apply(params, adapter, config)
+  adapted = apply(params, project(adapter, config), config, model_config=model_config)
+  for key, entry in adapted.items():
+    if hasattr(entry, "matmul") or hasattr(entry, "embed"):
+      if not hasattr(entry, "materialize"):
+        raise UnmergeableError(
+          f"{config.peft_type} cannot be merged: the adapted {key!r} ({type(entry).__name__}) has no merged weight; "
+          f"keep the adapter (core.apply) instead"
+        )
   merged = materialize(adapted)
   embedding = adapted.get("model.embed_tokens.weight")
   if "lm_head.weight" not in params and "lm_head.weight" not in merged and hasattr(embedding, "materialize"):
@@ -290,13 +297,13 @@ def merge(params, adapter: Adapter, config):
   return {k: v.astype(params[k].dtype) if k in params else v for k, v in merged.items()}
 
 
-def unmerge(merged, adapter: Adapter, config):
+def unmerge(merged, adapter: Adapter, config, *, model_config: LlamaConfig | None = None):
   """The base back from merged params, for additive methods (``W − ΔW``).
 
-  Multiplicative methods (DoRA, OFT, ...) and ``modules_to_save`` copies cannot be undone from the merged
-  weights alone: keep the base params (``merge`` never modifies them).
+  Multiplicative methods (DoRA, OFT, IA3, ...) and ``modules_to_save`` copies cannot be undone by subtraction
+  (PEFT divides or inverts, which is inexact): keep the base params (``merge`` never modifies them).
   """
-  adapted = apply(merged, adapter, config)
+  adapted = apply(merged, project(adapter, config), config, model_config=model_config)
   save = set(_modules_to_save(adapter, config))
   out = dict(merged)
   for name in adapter:
@@ -305,7 +312,8 @@ def unmerge(merged, adapter: Adapter, config):
     entry = adapted.get(name + ".weight")
     if name in save or not hasattr(entry, "delta"):
       raise NotImplementedError(
-        f"{config.peft_type} on {name!r} cannot be unmerged from merged weights: keep the base params"
+        f"{config.peft_type} on {name!r} is not additive (W + ΔW), so it cannot be unmerged by subtraction from "
+        f"the merged weights: keep the base params (core.merge never modifies them)"
       )
     out[name + ".weight"] = (merged[name + ".weight"] - entry.delta()).astype(merged[name + ".weight"].dtype)
   return out
@@ -315,10 +323,32 @@ def unmerge(merged, adapter: Adapter, config):
 # Trainable split and counts
 
 
+def frozen_tensors(config) -> frozenset[str]:
+  """Names of the saved tensors the method never trains (VeRA's saved projections)."""
+  return frozenset(get_method(config.peft_type).frozen_tensors(config))
+
+
 def trainable_mask(adapter: Adapter, config) -> Adapter:
-  """True for tensors the optimizer updates (everything but the method's ``frozen_tensors``)."""
-  frozen = set(get_method(config.peft_type).frozen_tensors)
+  """True for tensors the optimizer updates (everything but the method's frozen tensors)."""
+  frozen = frozen_tensors(config)
   return {m: {t: t not in frozen for t in ts} for m, ts in adapter.items()}
+
+
+def split_trainable(adapter: Adapter, config) -> tuple[Adapter, Adapter]:
+  """``(trained, frozen)``: two adapters of the same modules whose union is ``adapter`` (see :func:`join`)."""
+  frozen = frozen_tensors(config)
+  trained = {m: {t: v for t, v in ts.items() if t not in frozen} for m, ts in adapter.items()}
+  rest = {m: {t: v for t, v in ts.items() if t in frozen} for m, ts in adapter.items()}
+  return {m: ts for m, ts in trained.items() if ts}, {m: ts for m, ts in rest.items() if ts}
+
+
+def join(*adapters: Adapter) -> Adapter:
+  """The union of adapters split by :func:`split_trainable`."""
+  out: Adapter = {}
+  for a in adapters:
+    for m, ts in a.items():
+      out.setdefault(m, {}).update(ts)
+  return out
 
 
 def num_params(tree) -> int:
@@ -379,12 +409,20 @@ def describe_key_mismatch(expected, given, *, limit: int | None = None) -> str |
 
 
 def from_state_dict(
-  state: Mapping[str, Any], like: Adapter, *, source: str = "state dict", extra: Mapping[str, Any] = ()
+  state: Mapping[str, Any],
+  like: Adapter,
+  *,
+  source: str = "state dict",
+  extra: Mapping[str, Any] = (),
+  config=None,
+  params=None,
 ) -> Adapter:
   """Fill an adapter shaped like ``like`` from PEFT keys; missing, unexpected or mis-shaped keys raise, and so do
   tensors of a non-float dtype or holding NaN/inf (:func:`check_tensor`), each error naming the key.
 
   ``extra``: further keys the file may hold (the embedding base layers), checked for shape and skipped.
+  With ``config`` and ``params``, the method's own checks of a loaded adapter run too (``Method.check_loaded``:
+  VeRA's saved projections must be those of its ``projection_prng_key``).
   """
   expected = {peft_key(m, t): (m, t, v) for m, ts in like.items() for t, v in ts.items()}
   for key, ref in dict(extra).items():
@@ -407,6 +445,10 @@ def from_state_dict(
         f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(ref.shape)}"
       )
     out.setdefault(m, {})[t] = jnp.asarray(value, dtype=ref.dtype)
+  if config is not None and params is not None:
+    method = get_method(config.peft_type)
+    if method.check_loaded is not None:
+      method.check_loaded(out, config, _adapted_specs(params, out, config, None), source)
   return out
 
 

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import optax
 
-from jpeft import config as config_lib
 from jpeft import core
+from jpeft.methods import lora as lora_lib
 
 OPTIMIZER_TYPES = ("adamw", "lora-fa", "lora+")
 
@@ -51,7 +51,7 @@ def _labels(adapter, peft_config, optimizer_type: str):
   def label(module, tensor, value):
     if optimizer_type == "lora-fa" and tensor.startswith("lora_A"):
       return "frozen"
-    if peft_config is not None and tensor in core.get_method(peft_config.peft_type).frozen_tensors:
+    if peft_config is not None and tensor in core.frozen_tensors(peft_config):
       return "frozen"
     if optimizer_type == "lora+":
       if tensor.startswith("lora_embedding"):
@@ -80,8 +80,8 @@ def lorafa_projection(peft_config) -> optax.GradientTransformation:
     out = {}
     for module, grads in updates.items():
       if "lora_A.weight" in grads and "lora_B.weight" in grads:
-        r, alpha = config_lib.resolve_rank_alpha(peft_config, module)
-        s = config_lib.lora_scaling(r, alpha, peft_config.use_rslora)
+        r, alpha = lora_lib.resolve_rank_alpha(peft_config, module)
+        s = lora_lib.lora_scaling(r, alpha, peft_config.use_rslora)
         a = params[module]["lora_A.weight"].astype(jnp.float32)
         inv = jnp.linalg.pinv(a @ a.T + 1e-8 * jnp.eye(a.shape[0], dtype=a.dtype))
         g_b = (grads["lora_B.weight"].astype(jnp.float32) @ inv) / (s * s)

@@ -2,11 +2,11 @@
 
 * Base params: every 2-D weight is split on ``"fsdp"`` along its largest dimension that the fsdp size
   divides (the first such dimension on a tie); everything else is replicated.
-* Adapters follow the base weight they adapt: a tensor dimension that plays the role of the base's out
-  dimension (``lora_B`` (out, r), a 1-D vector of length out, DoRA's magnitude) takes the base's out-dim
-  sharding; one that plays the role of its in dimension (``lora_A`` (r, in)) takes its in-dim sharding;
-  embedding LoRA (``lora_embedding_A`` (r, V), ``lora_embedding_B`` (H, r)) maps V and H to the table's
-  dims; a full copy (``modules_to_save``) takes the base's own sharding. Anything else is replicated.
+* Adapters follow the base weight they adapt, as each method declares (``Method.tensor_axes``): a tensor dimension
+  that plays the role of the base's out dimension (``lora_B`` (out, r), DoRA's magnitude, IA3's ``(out, 1)``
+  scale) takes the base's out-dim sharding; one that plays the role of its in dimension (``lora_A`` (r, in)) takes
+  its in-dim sharding; a full copy (``modules_to_save``) takes the base's own sharding. Anything else (model-level
+  tensors, OFT's blocks, spectra) is replicated.
 * Batches are split along their first (batch) dimension on ``"data"``.
 * Optimizer states: every leaf shaped like a trainable tensor (Adam's moments) takes that tensor's
   sharding; counters and other leaves are replicated.
@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jpeft import core
 
 DATA = "data"
 FSDP = "fsdp"
@@ -120,31 +122,24 @@ def _base_key(module: str, params_shardings: Mapping[str, Any]) -> str | None:
   return None
 
 
-def _follow(tensor: str, shape: tuple[int, ...], base_shape: tuple[int, ...] | None) -> list[int | None]:
-  """For each dim of an adapter tensor, the base dim (0 = out, 1 = in) whose sharding it takes, or None."""
-  ndim = len(shape)
-  if ndim == 2:
-    if "embedding_A" in tensor:  # (r, V) of an embedding table (V, H)
-      return [None, 0]
-    if "embedding_B" in tensor:  # (H, r)
-      return [1, None]
-    if "_A" in tensor:  # lora_A (r, in)
-      return [None, 1]
-    if "_B" in tensor:  # lora_B (out, r)
-      return [0, None]
-  if base_shape is not None and shape == base_shape:
-    return list(range(ndim))  # a full copy (modules_to_save) or a same-shaped delta
-  if ndim == 1:
-    if base_shape is None or shape[0] == base_shape[0]:
-      return [0]
-    return [1] if shape[0] == base_shape[-1] else [None]
-  if ndim == 2 and base_shape is not None:
-    return [0 if shape[0] == base_shape[0] else None, 1 if shape[1] == base_shape[1] else None]
-  return [None] * ndim
+def _follow(module: str, tensor: str, shape, base_shape, config, copies) -> list[int | None]:
+  """For each dim of an adapter tensor, the base dim (0 = out, 1 = in) whose sharding it takes, or None.
+
+  The method declares it (``Method.tensor_axes``); a ``modules_to_save`` copy follows its base dim for dim.
+  """
+  if module in copies:
+    return list(range(len(shape))) if base_shape is None or tuple(shape) == tuple(base_shape) else [None] * len(shape)
+  method = core.get_method(config.peft_type)
+  axes = None
+  if method.tensor_axes is not None:
+    axes = method.tensor_axes(tensor, core.module_kind(module), config)
+  if axes is None or len(axes) != len(shape):
+    return [None] * len(shape)
+  return list(axes)
 
 
 def adapter_shardings(
-  adapter: Mapping[str, Mapping[str, Any]], params_shardings: Mapping[str, Any], mesh: Mesh
+  adapter: Mapping[str, Mapping[str, Any]], params_shardings: Mapping[str, Any], mesh: Mesh, config=None
 ) -> dict[str, dict[str, NamedSharding]]:
   """``{module: {tensor: NamedSharding}}`` derived from the sharding of each tensor's base weight.
 
@@ -153,7 +148,10 @@ def adapter_shardings(
     params_shardings: ``{param name: NamedSharding}`` (:func:`param_shardings`) or the placed params
       themselves (their ``.sharding`` and shapes are read).
     mesh: the mesh.
+    config: the adapter's PEFT config: its method says which base axis each tensor dim follows. Without it (full
+      fine-tuning), every tensor is replicated.
   """
+  copies = set(core._modules_to_save(adapter, config)) if config is not None else set()
   out: dict[str, dict[str, NamedSharding]] = {}
   for module, tensors in adapter.items():
     key = _base_key(module, params_shardings)
@@ -164,18 +162,19 @@ def adapter_shardings(
     out[module] = {}
     for tensor, value in tensors.items():
       shape = tuple(int(d) for d in np.shape(value))
-      if base is None:
+      if base is None or config is None:
         out[module][tensor] = replicated(mesh)
         continue
       base_entries = _spec_entries(base, 2)
-      entries = [None if d is None else base_entries[d] for d in _follow(tensor, shape, base_shape)]
+      follow = _follow(module, tensor, shape, base_shape, config, copies)
+      entries = [None if d is None else base_entries[d] for d in follow]
       out[module][tensor] = _named(mesh, entries, shape)
   return out
 
 
-def shard_adapter(adapter, params_shardings, mesh: Mesh):
+def shard_adapter(adapter, params_shardings, mesh: Mesh, config=None):
   """The adapter placed on ``mesh`` with :func:`adapter_shardings`."""
-  shardings = adapter_shardings(adapter, params_shardings, mesh)
+  shardings = adapter_shardings(adapter, params_shardings, mesh, config)
   return {m: {t: jax.device_put(v, shardings[m][t]) for t, v in ts.items()} for m, ts in adapter.items()}
 
 

@@ -30,7 +30,7 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
     if peft_config is None:
       model_params = trainable
     else:
-      model_params = core.apply(params, trainable, peft_config, rng=rng)
+      model_params = core.apply(params, trainable, peft_config, rng=rng, model_config=model_config)
     if "loss_positions" in batch:
       logits = forward(
         model_params,
@@ -50,13 +50,31 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
   return loss_fn
 
 
+def value_and_grad(loss_fn: Callable, peft_config) -> Callable:
+  """``(trainable, params, batch, rng) -> ((loss, n_tokens), grads)``, differentiating the trained tensors only.
+
+  The method's frozen tensors (saved, never trained: VeRA's projections) are not differentiated; their entries in
+  ``grads`` are zeros, so the gradient norm and its clipping see the trained tensors alone, as in PyTorch where a
+  buffer has no gradient.
+  """
+  if peft_config is None:
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+  def fn(trainable, params, batch, rng=None):
+    trained, frozen = core.split_trainable(trainable, peft_config)
+    out, grads = jax.value_and_grad(lambda t: loss_fn(core.join(t, frozen), params, batch, rng), has_aux=True)(trained)
+    return out, core.join(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen))
+
+  return fn
+
+
 def make_grad_fn(model_config, peft_config=None, *, compute_dtype=None, remat: bool = False):
   """Jitted ``(trainable, params, batch, rng) -> (loss, grads)``; ``remat`` as in :func:`make_train_step`."""
-  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype, remat=remat)
+  grad = value_and_grad(make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype, remat=remat), peft_config)
 
   @jax.jit
   def grad_fn(trainable, params, batch, rng=None):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, rng)
+    (loss, _), grads = grad(trainable, params, batch, rng)
     return loss, grads
 
   return grad_fn
@@ -73,15 +91,18 @@ def make_train_step(
 ):
   """Jitted ``(trainable, opt_state, params, batch, rng) -> (trainable, opt_state, metrics)``.
 
-  ``metrics`` holds the loss (before the update), the number of loss tokens and the gradient norm.
-  ``remat`` recomputes each decoder layer in the backward pass instead of keeping its activations.
+  ``metrics`` holds the loss (before the update), the number of loss tokens and the gradient norm (of the trained
+  tensors). ``remat`` recomputes each decoder layer in the backward pass instead of keeping its activations. After
+  the update the method's parameter constraint is enforced (:func:`jpeft.core.project`: OFT's COFT).
   """
-  loss_fn = make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype, remat=remat)
+  grad = value_and_grad(make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype, remat=remat), peft_config)
 
   def step(trainable, opt_state, params, batch, rng):
-    (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, rng)
+    (loss, n), grads = grad(trainable, params, batch, rng)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
+    if peft_config is not None:
+      trainable = core.project(trainable, peft_config)
     return trainable, opt_state, {"loss": loss, "n_tokens": n, "grad_norm": optax.global_norm(grads)}
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())

@@ -431,7 +431,7 @@ class Trainer:
       if peft_config is None:
         self.trainable_shardings = sharding_lib.param_shardings(trainable, mesh)
       else:
-        self.trainable_shardings = sharding_lib.adapter_shardings(trainable, self.params, mesh)
+        self.trainable_shardings = sharding_lib.adapter_shardings(trainable, self.params, mesh, peft_config)
       self.trainable = jax.device_put(trainable, self.trainable_shardings)
       abstract_opt = jax.eval_shape(self.optimizer.init, self.trainable)
       self.opt_shardings = sharding_lib.tree_shardings_like(
@@ -534,7 +534,7 @@ class Trainer:
     trainable = self.trainable if trainable is None else trainable
     if self.peft_config is None:
       return trainable
-    return core.apply(self.params, trainable, self.peft_config)
+    return core.apply(self.params, trainable, self.peft_config, model_config=self.model_config)
 
   def generate_texts(self, queries: Sequence[str], trainable=None) -> list[str]:
     """Greedy completions of the formatted prompts, in batches of ``batch_size_eval`` left-padded rows."""

@@ -71,9 +71,9 @@ def make_data(n_train: int = 12, n_valid: int = 2, n_test: int = 2):
 
 
 def lora_config(dropout: float = 0.1):
-  from jpeft import config as config_lib
+  from jpeft import registry
 
-  return config_lib.config_from_dict(
+  return registry.config_from_dict(
     {
       "peft_type": "LORA",
       "r": 4,

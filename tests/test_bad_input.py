@@ -74,6 +74,8 @@ from safetensors.torch import load as load_safetensors_bytes  # noqa: E402
 from safetensors.torch import save as save_safetensors_bytes  # noqa: E402
 
 from backends.tiny import make_tiny_llama  # noqa: E402
+from jpeft import registry
+from jpeft.methods import lora as lora_lib
 from jpeft import checkpoint, core, train  # noqa: E402
 from jpeft import config as config_lib  # noqa: E402
 from jpeft import targets as targets_lib  # noqa: E402
@@ -176,7 +178,7 @@ def _experiment_configs() -> list[tuple[str, dict]]:
     for path in sorted(root.glob("*/adapter_config.json")):
       data = json.loads(path.read_text())
       try:
-        config_lib.config_from_dict(data)
+        registry.config_from_dict(data)
       except config_lib.UnsupportedConfigError:  # kasa, bdlora, mica: refused as a whole, no use as a seed
         continue
       out.append((f"{root.parent.parent.name}:{path.parent.name}", data))
@@ -184,14 +186,14 @@ def _experiment_configs() -> list[tuple[str, dict]]:
 
 
 SEEDS = _peft_written_configs() + _experiment_configs()
-FIELDS = sorted(f.name for f in config_lib.LoraConfig.__dataclass_fields__.values() if f.name != "runtime_config")
+FIELDS = sorted(f.name for f in lora_lib.LoraConfig.__dataclass_fields__.values() if f.name != "runtime_config")
 
 
 def test_seed_configs_load_as_peft_reads_them():
   """The starting points are valid: jpeft and PEFT read each the same way."""
   assert len(SEEDS) >= 12
   for name, data in SEEDS:
-    ours = config_lib.config_from_dict(data)
+    ours = registry.config_from_dict(data)
     theirs = peft.LoraConfig.from_peft_type(**{k: v for k, v in data.items() if k != "runtime_config"})
     for field in ("r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "bias", "init_lora_weights"):
       assert getattr(ours, field) == getattr(theirs, field), (name, field)
@@ -454,7 +456,7 @@ def _expect_jpeft_error(exc: BaseException, tokens, label: str) -> None:
 def _run_config_case(label, data, expect, tokens, tiny):
   with _absl_log() as log, tempfile.TemporaryDirectory() as tmp:
     try:
-      config = config_lib.config_from_dict(data)
+      config = registry.config_from_dict(data)
       _exercise(config, tiny, os.path.join(tmp, "adapter"))
     except AssertionError:
       raise
@@ -466,7 +468,7 @@ def _run_config_case(label, data, expect, tokens, tiny):
   if expect == "ok":  # unknown keys: ignored (as PEFT does), each named in a warning, the config unchanged
     for key in tokens:
       assert key in log.getvalue(), f"{label}: no warning names {key!r}"
-    assert config == config_lib.config_from_dict({k: v for k, v in data.items() if k not in tokens})
+    assert config == registry.config_from_dict({k: v for k, v in data.items() if k not in tokens})
 
 
 @settings(max_examples=300, **SETTINGS)
@@ -537,7 +539,7 @@ def save_seed_folders(tiny, root: Path) -> dict:
   _, model_config, params = tiny
   out = {}
   for name, cfg in FOLDER_CONFIGS.items():
-    config = config_lib.config_from_dict(cfg)
+    config = registry.config_from_dict(cfg)
     adapter, base = core.init(jax.random.key(1), params, config, model_config)
     adapter = jax.tree_util.tree_map(lambda x: x + 0.01, adapter)  # B != 0, so a changed value shows
     if name == "bf16":
@@ -753,7 +755,7 @@ def test_missing_or_misnamed_folder(tiny, tmp_path):
 
 def _good_adapter(tiny):
   _, model_config, params = tiny
-  config = config_lib.config_from_dict(FOLDER_CONFIGS["lora"])
+  config = registry.config_from_dict(FOLDER_CONFIGS["lora"])
   adapter, _ = core.init(jax.random.key(2), params, config, model_config)
   return config, adapter
 

@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from backends.tiny import make_tiny_llama
+from jpeft import registry
 from jpeft import checkpoint, core
 from jpeft import config as config_lib
 from jpeft.models import load_model, module_kinds
@@ -24,7 +25,7 @@ def model(tmp_path_factory):
 @pytest.fixture()
 def saved(model, tmp_path):
   config, params = model
-  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=["q_proj"]))
+  peft_config = registry.config_from_dict(dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=["q_proj"]))
   adapter, _ = core.init(jax.random.key(0), params, peft_config, config)
   checkpoint.save_pretrained(str(tmp_path), adapter, peft_config)
   return str(tmp_path)
@@ -102,7 +103,7 @@ def test_integer_and_nonfinite_tensors_are_refused(model, saved):
 )
 def test_norm_targets_are_refused_by_name_and_kind(model, targets, module):
   """PEFT's LoRA adapts Linear and Embedding modules only; a norm target names the module and its kind."""
-  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", target_modules=targets))
+  peft_config = registry.config_from_dict(dict(peft_type="LORA", target_modules=targets))
   with pytest.raises(UnsupportedTargetError) as info:
     core.init(jax.random.key(0), model[1], peft_config, model[0])
   message = str(info.value)
@@ -116,7 +117,7 @@ def test_norm_targets_are_refused_by_name_and_kind(model, targets, module):
 
 def test_norms_train_in_full_through_modules_to_save(model, tmp_path):
   config, params = model
-  peft_config = config_lib.config_from_dict(
+  peft_config = registry.config_from_dict(
     dict(peft_type="LORA", r=2, target_modules=["q_proj"], modules_to_save=["model.norm", "input_layernorm"])
   )
   adapter, _ = core.init(jax.random.key(0), params, peft_config, config)
@@ -131,7 +132,7 @@ def test_apply_uses_the_real_module_kind(model):
   kinds = module_kinds(config)
   assert all(core.module_kind(name) == kind for name, kind in kinds.items())
   assert all(core.module_kind(name, config) == kind for name, kind in kinds.items())
-  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", r=2, target_modules=["q_proj"]))
+  peft_config = registry.config_from_dict(dict(peft_type="LORA", r=2, target_modules=["q_proj"]))
   # a hand-made adapter on a norm (which init refuses) is refused by apply too, by name and kind
   bad = {"model.norm": {"lora_A.weight": np.zeros((2, 64), np.float32), "lora_B.weight": np.zeros((64, 2), np.float32)}}
   with pytest.raises(UnsupportedTargetError, match=r"'model.norm', a norm \(RMSNorm\) layer"):
@@ -152,11 +153,11 @@ def test_dropout_below_one_gives_finite_gradients(model):
 
   config, params = model
   with pytest.raises(config_lib.InvalidConfigError, match="nothing trains"):
-    config_lib.config_from_dict(dict(peft_type="LORA", r=4, lora_dropout=1.0, target_modules=["q_proj", "v_proj"]))
+    registry.config_from_dict(dict(peft_type="LORA", r=4, lora_dropout=1.0, target_modules=["q_proj", "v_proj"]))
   batch = {k: jnp.asarray(v) for k, v in make_batch(0, 2, 12, 256).items()}
   grads = {}
   for p in (0.0, 0.9):
-    peft_config = config_lib.config_from_dict(
+    peft_config = registry.config_from_dict(
       dict(peft_type="LORA", r=4, lora_dropout=p, target_modules=["q_proj", "v_proj"])
     )
     adapter, _ = core.init(jax.random.key(0), params, peft_config, config)
@@ -188,27 +189,27 @@ def test_unknown_peft_type(model, saved):
 
 def test_peft_method_not_in_jpeft_yet(model):
   with pytest.raises(config_lib.UnsupportedConfigError, match="'OFT' is a PEFT method that is not"):
-    core.init(jax.random.key(0), model[1], config_lib.config_from_dict({"peft_type": "OFT"}), model[0])
+    core.init(jax.random.key(0), model[1], registry.config_from_dict({"peft_type": "OFT"}), model[0])
 
 
 def test_targets_matching_nothing_shows_names(model):
-  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", target_modules=["qkv_proj"]))
+  peft_config = registry.config_from_dict(dict(peft_type="LORA", target_modules=["qkv_proj"]))
   with pytest.raises(NoMatchingTargetsError, match="qkv_proj.*model.layers.0.self_attn.q_proj"):
     core.init(jax.random.key(0), model[1], peft_config, model[0])
 
 
 def test_nonpositive_rank():
   with pytest.raises(ValueError, match="`r` should be a positive integer value but the value passed is 0"):
-    config_lib.config_from_dict(dict(peft_type="LORA", r=0, target_modules=["q_proj"]))
+    registry.config_from_dict(dict(peft_type="LORA", r=0, target_modules=["q_proj"]))
 
 
 def test_unsupported_field_is_named():
   with pytest.raises(config_lib.UnsupportedConfigError, match="use_bdlora"):
-    config_lib.config_from_dict(dict(peft_type="LORA", target_modules=["q_proj"], use_bdlora={"nblocks": 2}))
+    registry.config_from_dict(dict(peft_type="LORA", target_modules=["q_proj"], use_bdlora={"nblocks": 2}))
 
 
 def test_bias_training_on_a_biased_model_is_refused(tmp_path):
   config, params = load_model(make_tiny_llama(str(tmp_path / "b"), attention_bias=True))
-  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", target_modules=["q_proj"], bias="all"))
+  peft_config = registry.config_from_dict(dict(peft_type="LORA", target_modules=["q_proj"], bias="all"))
   with pytest.raises(config_lib.UnsupportedConfigError, match="bias='all'"):
     core.init(jax.random.key(0), params, peft_config, config)

@@ -16,19 +16,14 @@ from jpeft.config import (
   FrozenDict,
   InvalidConfigError,
   JpeftError,
-  LoraConfig,
   PeftConfig,
   UnsupportedConfigError,
-  config_from_dict,
   config_to_dict,
   get_pattern_key,
-  load_config,
-  lora_scaling,
-  register_config,
-  registered_peft_types,
-  resolve_rank_alpha,
   save_config,
 )
+from jpeft.methods.lora import LoraConfig, lora_scaling, resolve_rank_alpha
+from jpeft.registry import config_from_dict, load_config, registered_peft_types
 
 import peft  # noqa: E402
 
@@ -44,20 +39,37 @@ def _peft_default(f):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_lora_fields_and_defaults_match_peft():
-  ours = {f.name: f for f in dataclasses.fields(LoraConfig)}
-  theirs = {f.name: f for f in dataclasses.fields(peft.LoraConfig)}
-  assert set(ours) == set(theirs)
-  default = LoraConfig()
+def _normalised(value):
+  """A PEFT default as jpeft stores it (lists/sets as tuples, dicts as FrozenDicts, dataclasses as dicts)."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    value = dataclasses.asdict(value)
+  return FrozenDict({"v": value})["v"]
+
+
+@pytest.mark.parametrize("peft_type", registered_peft_types())
+def test_every_registered_config_has_peft_fields_and_defaults(peft_type):
+  """Each jpeft config class against the PEFT config class of the same peft_type: same fields, same defaults."""
+  from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+  from jpeft import registry
+
+  ours_cls = registry.get_config_class(peft_type)
+  theirs_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+  ours = {f.name for f in dataclasses.fields(ours_cls)} - ours_cls.peft_absent_fields
+  theirs = {f.name: f for f in dataclasses.fields(theirs_cls)}
+  assert ours == set(theirs), (sorted(ours - set(theirs)), sorted(set(theirs) - ours))
+  default = ours_cls()
   for name, f in theirs.items():
-    expected = _peft_default(f)
     got = getattr(default, name)
     if name == "peft_type":
-      assert got == "LORA"
-    elif name == "runtime_config":
-      assert got == dataclasses.asdict(expected)
+      assert got == peft_type
     else:
-      assert got == expected, name
+      assert got == _normalised(_peft_default(f)), name
+  # and PEFT reads jpeft's defaults back as its own
+  from peft import PeftConfig as TheirPeftConfig
+
+  theirs_default = TheirPeftConfig.from_peft_type(**config_to_dict(default))
+  assert type(theirs_default) is theirs_cls
 
 
 def test_base_fields():
@@ -404,8 +416,10 @@ def test_peft_type_enum_accepted():
   assert config.peft_type == "LORA" and config.task_type == "CAUSAL_LM"
 
 
-def test_register_config():
-  @register_config
+def test_register_files_config_and_method_together():
+  from jpeft.methods import base
+  from jpeft.methods import lora
+
   @dataclasses.dataclass(frozen=True, kw_only=True)
   class _TestConfig(PeftConfig):
     peft_type: str = "JPEFT_TEST_METHOD"
@@ -413,10 +427,13 @@ def test_register_config():
 
     peft_absent_fields = frozenset({"layers_to_transform", "layers_pattern"})
 
-  from jpeft import config as config_module
-
+  method = base.Method(config_class=_TestConfig, init_module=lora.init_module, adapt_module=lora.adapt_module)
   try:
+    base.register(method)
     assert "JPEFT_TEST_METHOD" in registered_peft_types()
+    from jpeft import registry
+
+    assert registry.get_method("JPEFT_TEST_METHOD") is method and method.peft_type == "JPEFT_TEST_METHOD"
     config = config_from_dict({"peft_type": "JPEFT_TEST_METHOD", "scale": 2.0, "target_modules": ["q_proj"]})
     assert isinstance(config, _TestConfig) and config.scale == 2.0
     d = config_to_dict(config)
@@ -426,10 +443,18 @@ def test_register_config():
     assert config.layers_to_transform is None
     with pytest.raises(ValueError, match="peft_type"):
       _TestConfig(peft_type="LORA")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class _Other(PeftConfig):
+      peft_type: str = "JPEFT_TEST_METHOD"
+
+    with pytest.raises(ValueError, match="already registered"):
+      base.register(base.Method(config_class=_Other, init_module=lora.init_module, adapt_module=lora.adapt_module))
   finally:
-    config_module._REGISTRY.pop("JPEFT_TEST_METHOD", None)
+    base._TABLE.pop("JPEFT_TEST_METHOD", None)
+  assert "JPEFT_TEST_METHOD" not in registered_peft_types()
   with pytest.raises(TypeError):
-    register_config(int)  # type: ignore[arg-type]
+    base.register(base.Method(config_class=int, init_module=lora.init_module, adapt_module=lora.adapt_module))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -59,12 +59,13 @@ SCHEMA = {
 def assets(tmp_path_factory):
   """A tiny random Llama folder, a tiny byte-level BPE tokenizer folder, and experiment folders."""
   root = tmp_path_factory.mktemp("experiments")
-  ia3 = {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+  # Lily is a PEFT method jpeft does not implement yet (the torch backend runs it); when it lands, use one it lacks
+  lily = {"peft_type": "LILY", "r": 4, "num_B": 2, "target_modules": ["q_proj", "v_proj"]}
   out = make_experiment_assets(
     root,
     {
       "lora/tiny-rank4": {"adapter_config.json": LORA},
-      "ia3/tiny-default": {"adapter_config.json": ia3, "training_params.json": {"optimizer_kwargs": {"lr": 1e-3}}},
+      "lily/tiny-default": {"adapter_config.json": lily, "training_params.json": {"optimizer_kwargs": {"lr": 1e-3}}},
     },
     vocab_size=VOCAB,
   )
@@ -271,10 +272,11 @@ def test_untrained_reference_run(assets, tmp_path, backend):
 def test_compare_plan_runs_peft_only_methods_on_torch_only():
   from tools import compare
 
-  runs = compare.plan(["lora/smollm2-rank32", "ia3/smollm2-lr_0.01"], ["jax", "torch"], {})
-  assert runs == [("lora/smollm2-rank32", "jax"), ("lora/smollm2-rank32", "torch"), ("ia3/smollm2-lr_0.01", "torch")]
+  lily = "lily/smollm2-rank168-a2-b2-s2.0"
+  runs = compare.plan(["lora/smollm2-rank32", lily], ["jax", "torch"], {})
+  assert runs == [("lora/smollm2-rank32", "jax"), ("lora/smollm2-rank32", "torch"), (lily, "torch")]
   # asked for jax alone, a method jpeft lacks is still attempted (and fails with a clear error)
-  assert compare.plan(["ia3/smollm2-lr_0.01"], ["jax"], {}) == [("ia3/smollm2-lr_0.01", "jax")]
+  assert compare.plan([lily], ["jax"], {}) == [(lily, "jax")]
 
 
 def test_report_command_line(assets, lora_results, tmp_path):
@@ -303,14 +305,15 @@ def test_pareto_front():
 
 
 def test_peft_only_method_runs_on_torch(assets):
-  result, path = _run(assets, "ia3/tiny-default", "torch", max_steps=2, eval_steps=0)
+  result, path = _run(assets, "lily/tiny-default", "torch", max_steps=2, eval_steps=0)
   _check_schema(result)
   info = result["train_info"]
-  assert result["run_info"]["peft_config"]["peft_type"] == "IA3"
-  # IA3 vectors: k (32) and v (32) outputs, down_proj's 128 inputs, in each of the 2 layers
-  assert info["num_trainable_params"] == 2 * (32 + 32 + 128)
+  assert result["run_info"]["peft_config"]["peft_type"] == "LILY"
+  # Lily r=4, num_B=2 on q (64 -> 64) and v (64 -> 32) of 2 layers: an A (4, 64) and a router (2, 4) per module
+  # and layer, one B (8, out) per target shared by both layers (PEFT counts a shared parameter once)
+  assert info["num_trainable_params"] == 4 * (4 * 64 + 2 * 4) + 8 * 64 + 8 * 32
   assert len(info["losses"]) == 2 and info["file_size"] > 0
-  assert os.path.basename(path) == "ia3--tiny-default--torch.json"
+  assert os.path.basename(path) == "lily--tiny-default--torch.json"
   # the experiment's optimizer_kwargs replaced the default dict whole (PEFT's shallow update)
   assert result["run_info"]["train_config"]["optimizer_kwargs"] == {"lr": 1e-3}
 
@@ -433,9 +436,9 @@ def test_dataset_without_fields(assets, no_loading, tmp_path, backend):
 def test_unsupported_method_on_jax(assets, no_loading):
   from jpeft import config as config_lib
 
-  # IA3 is not in jpeft yet; when it lands, point this test at a PEFT method jpeft still lacks.
-  with pytest.raises(config_lib.UnsupportedConfigError, match="IA3"):
-    _try(assets, assets["exps"] / "ia3" / "tiny-default", "jax")
+  # Lily is not in jpeft yet; when it lands, point this test at a PEFT method jpeft still lacks.
+  with pytest.raises(config_lib.UnsupportedConfigError, match="LILY"):
+    _try(assets, assets["exps"] / "lily" / "tiny-default", "jax")
 
 
 def test_full_finetuning_folder_and_shallow_merge(tmp_path):
@@ -455,7 +458,7 @@ def test_full_finetuning_folder_and_shallow_merge(tmp_path):
 
 def test_suite_folders_are_valid():
   """Every shipped experiment loads; the jax backend accepts exactly the methods jpeft implements."""
-  from jpeft import config as config_lib
+  from jpeft import registry
 
   names = common.list_experiments()
   for expected in (
@@ -470,13 +473,13 @@ def test_suite_folders_are_valid():
   ):
     assert expected in names
   assert {n.split("/")[0] for n in names} >= {"oft", "ia3", "lily"}
-  supported = set(config_lib.registered_peft_types())
+  supported = set(registry.registered_peft_types())
   for name in names:
     exp = common.load_experiment(os.path.join(ROOT, "experiments", name))
     train_config = common.make_train_config(exp)
     assert train_config.max_steps == (0 if name.startswith("base/") else 150), name
     if exp.peft_config is not None and exp.peft_type in supported:
-      peft_config = config_lib.config_from_dict(exp.peft_config)
+      peft_config = registry.config_from_dict(exp.peft_config)
       assert peft_config.peft_type == exp.peft_type and peft_config.r == exp.peft_config["r"], name
     # the targets of every adapter resolve against SmolLM2's modules, without loading its weights
     common.check_adapter_targets(exp, "smollm2-135m", "jax" if exp.peft_type in supported else "torch")

@@ -20,6 +20,7 @@ import pytest
 
 from backends import get_backend
 from backends.tiny import make_batch, make_tiny_llama
+from jpeft import core, registry
 from numerics import EPS32, assert_close_to_scale, scaled_error
 
 from method_table import METHODS, TIED, VOCAB
@@ -104,12 +105,21 @@ def all_backends(base_folders):
   return out
 
 
-def _perturbed(state, seed):
-  """Every adapter tensor moved away from its init (B ≠ 0, magnitudes ≠ ‖W‖)."""
+def _frozen_keys(method, state):
+  """The keys of the method's frozen tensors (VeRA's saved projections: drawn from the config's seed, never trained,
+  and refused on load when they are not that seed's)."""
+  config = registry.config_from_dict(METHODS[method])
+  frozen = core.frozen_tensors(config)
+  return {k for k in state if any(k == core.peft_key(core.SHARED, t) or k.endswith("." + t) for t in frozen)}
+
+
+def _perturbed(state, seed, method=None):
+  """Every trained adapter tensor moved away from its init (B ≠ 0, magnitudes ≠ ‖W‖, IA3's scales ≠ 1)."""
   rng = np.random.default_rng(seed)
+  keep = _frozen_keys(method, state) if method is not None else set()
   out = {}
   for k, v in state.items():
-    if ".base_layer." in k:
+    if ".base_layer." in k or k in keep:
       out[k] = v
     else:
       out[k] = (v + 0.1 * rng.standard_normal(v.shape) * (np.abs(v).mean() + 0.1)).astype(v.dtype)
@@ -128,7 +138,7 @@ def _same_adapter_on_both(backends, method, *, seed, perturb_seed):
   """PEFT initialises the adapter, every tensor is perturbed, and both backends get the very same tensors."""
   jx, pt = backends["jax"], backends["torch"]
   pt.attach_adapter(METHODS[method], seed=seed)
-  state = _perturbed(pt.adapter_state_dict(), perturb_seed)
+  state = _perturbed(pt.adapter_state_dict(), perturb_seed, method)
   pt.set_adapter_state_dict(state)
   jx.attach_adapter(METHODS[method], seed=seed)
   jx.set_adapter_state_dict(state)
@@ -155,7 +165,7 @@ def _assert_adapter_matters(adapted, plain, mask, what):
 def test_jpeft_adapter_loads_in_peft(method, base, all_backends, tmp_path):
   jx, pt = all_backends[base]["jax"], all_backends[base]["torch"]
   jx.attach_adapter(METHODS[method], seed=1)
-  jx.set_adapter_state_dict(_perturbed(jx.adapter_state_dict(), 0))
+  jx.set_adapter_state_dict(_perturbed(jx.adapter_state_dict(), 0, method))
   jx.save_adapter(str(tmp_path))
   pt.load_adapter(str(tmp_path))
   assert set(pt.adapter_state_dict()) == set(jx.adapter_state_dict())
@@ -172,7 +182,7 @@ def test_jpeft_adapter_loads_in_peft(method, base, all_backends, tmp_path):
 def test_peft_adapter_loads_in_jpeft(method, base, all_backends, tmp_path):
   jx, pt = all_backends[base]["jax"], all_backends[base]["torch"]
   pt.attach_adapter(METHODS[method], seed=2)
-  pt.set_adapter_state_dict(_perturbed(pt.adapter_state_dict(), 1))
+  pt.set_adapter_state_dict(_perturbed(pt.adapter_state_dict(), 1, method))
   pt.save_adapter(str(tmp_path))
   jx.load_adapter(str(tmp_path))
   state_pt, state_jx = pt.adapter_state_dict(), jx.adapter_state_dict()

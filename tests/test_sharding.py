@@ -33,7 +33,7 @@ def _child(out_dir: str) -> None:
   jax.config.update("jax_default_matmul_precision", "highest")
 
   import _trainer_child as setup
-  from jpeft import sharding
+  from jpeft import registry, sharding
   from jpeft.trainer import Trainer
 
   assert len(jax.devices()) == 8, jax.devices()
@@ -52,11 +52,16 @@ def _child(out_dir: str) -> None:
     "model.embed_tokens": {"lora_embedding_A": z((4, 320)), "lora_embedding_B": z((32, 4))},
     "lm_head": {"weight": z((320, 32))},
     "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": z(32), "lora_A.weight": z((4, 32))},
-    "model.layers.0.mlp.down_proj": {"hada_w1_b": z((4, 64)), "other": z((3, 5))},
+    "model.layers.0.mlp.down_proj": {"lora_A.weight": z((4, 64)), "other": z((3, 5))},
     "__shared__": {"vera_A": z((4, 64))},
   }
+  # the method (LoRA) says which base axis each tensor dim follows; names it does not declare are replicated
+  synthetic_config = registry.config_from_dict(
+    {"peft_type": "LORA", "r": 4, "target_modules": ["embed_tokens", "q_proj"], "modules_to_save": ["lm_head"]}
+  )
   report["synthetic_specs"] = {
-    m: {t: _spec(v) for t, v in ts.items()} for m, ts in sharding.adapter_shardings(synthetic, placed, mesh).items()
+    m: {t: _spec(v) for t, v in ts.items()}
+    for m, ts in sharding.adapter_shardings(synthetic, placed, mesh, synthetic_config).items()
   }
 
   def config(**kw):  # every example is longer than 128 tokens: one padded length
@@ -151,7 +156,7 @@ def test_mesh_training_matches_one_device_and_adapters_follow_base(tmp_path):
     "model.embed_tokens": {"lora_embedding_A": [None, "fsdp"], "lora_embedding_B": []},
     "lm_head": {"weight": ["fsdp"]},  # a modules_to_save copy: the base's own sharding
     "model.layers.0.self_attn.q_proj": {"lora_magnitude_vector": ["fsdp"], "lora_A.weight": []},
-    "model.layers.0.mlp.down_proj": {"hada_w1_b": [None, "fsdp"], "other": []},
+    "model.layers.0.mlp.down_proj": {"lora_A.weight": [None, "fsdp"], "other": []},
     "__shared__": {"vera_A": []},
   }
 

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from backends import get_backend
+from jpeft import registry
 from jpeft import config as config_lib
 from jpeft import core
 from jpeft.models import LlamaConfig
@@ -82,7 +83,7 @@ def test_reference_lora_configs_target_like_peft_on_smollm2(folder):
   raw = json.load(open(os.path.join(folder, "adapter_config.json")))
   hf_config = transformers.AutoConfig.from_pretrained(embedded_model_folder("smollm2-135m"))
   try:
-    config = config_lib.config_from_dict(raw)
+    config = registry.config_from_dict(raw)
   except config_lib.UnsupportedConfigError as e:
     # Refused variants, each named: BD-LoRA (use_bdlora), KaSA (kasa_config), MiCA (init "mica").
     assert any(f in str(e) for f in ("use_bdlora", "kasa_config", "mica")), e

@@ -16,7 +16,9 @@ import peft  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.utils import ModulesToSaveWrapper  # noqa: E402
 
-from jpeft.config import LoraConfig, UnsupportedConfigError, config_from_dict, lora_scaling, resolve_rank_alpha  # noqa: E402
+from jpeft.config import UnsupportedConfigError  # noqa: E402
+from jpeft.methods.lora import LoraConfig, lora_scaling, resolve_rank_alpha  # noqa: E402
+from jpeft.registry import config_from_dict  # noqa: E402
 from jpeft.targets import (  # noqa: E402
   AllTargetsExcludedError,
   ConflictingTargetsError,

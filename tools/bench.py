@@ -81,8 +81,7 @@ def _batch(vocab):
 def _worker_jax():
   import jax
   import jax.numpy as jnp
-  from jpeft import core, optim, train
-  from jpeft import config as config_lib
+  from jpeft import core, optim, registry, train
   from jpeft.generate import generate
   from jpeft.models import load_model
 
@@ -97,7 +96,7 @@ def _worker_jax():
   else:
     peft_config = None
     if FLAGS.task == "train_lora":
-      peft_config = config_lib.config_from_dict(LORA(FLAGS.rank))
+      peft_config = registry.config_from_dict(LORA(FLAGS.rank))
       trainable, params = core.init(jax.random.key(0), params, peft_config, config)
     else:
       trainable, params = params, {}

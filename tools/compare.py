@@ -65,10 +65,10 @@ def define_flags() -> None:
 
 def _runs_on_jax(path: str) -> bool:
   from experiments import common
-  from jpeft import config as config_lib
+  from jpeft import registry
 
   exp = common.load_experiment(path)
-  return exp.peft_config is None or exp.peft_type in set(config_lib.registered_peft_types())
+  return exp.peft_config is None or exp.peft_type in set(registry.registered_peft_types())
 
 
 def plan(experiments, backends, budget: dict) -> list[tuple[str, str]]:

@@ -35,8 +35,7 @@ def main(argv):
   del argv
   import torch
   from backends import get_backend
-  from jpeft import checkpoint, core, optim, train
-  from jpeft import config as config_lib
+  from jpeft import checkpoint, core, optim, registry, train
   from jpeft.data import DEFAULT_QUERY_TEMPLATE, make_split, tokenize_example
   from jpeft.generate import generate
   from jpeft.models import forward, from_transformers, load_tokenizer, load_torch_model
@@ -71,7 +70,7 @@ def main(argv):
   print("\ngreedy completion:\n" + question[0] + tok.decode(new[0], skip_special_tokens=True) + "\n")
 
   # A LoRA adapter: a few training steps on the embedded math task, then PEFT loads what jpeft saved.
-  peft_config = config_lib.config_from_dict(dict(peft_type="LORA", r=16, lora_alpha=32, target_modules="all-linear"))
+  peft_config = registry.config_from_dict(dict(peft_type="LORA", r=16, lora_alpha=32, target_modules="all-linear"))
   adapter, params = core.init(jax.random.key(0), params, peft_config, config)
   tok.padding_side = "right"
   problems = make_split("train", 4 * FLAGS.train_steps, seed=0)

@@ -1,3 +1,8 @@
-"""PEFT methods. Each module registers its config (jpeft.config) and its Method (jpeft.core) on import."""
+"""PEFT methods, one file each: the method's config class and its per-module functions, registered together.
 
+``jpeft.methods.base`` defines the protocol and holds the table; importing this package imports every method
+file, which fills it. Look methods up through :mod:`jpeft.registry`.
+"""
+
+from jpeft.methods import base  # noqa: F401
 from jpeft.methods import lora  # noqa: F401
