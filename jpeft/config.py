@@ -394,7 +394,7 @@ def _check_finite_number(field: str, value: Any) -> None:
   if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
     raise InvalidConfigError(
       f"`{field}` must be a finite number within float32's range (|x| <= {_FLOAT32_MAX:.3g}), got {value!r}: "
-      f"the LoRA scaling would be inf or NaN"
+      f"the adapter's output would be inf or NaN"
     )
 
 

@@ -217,8 +217,8 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None, model_c
 def project(adapter: Adapter, config) -> Adapter:
   """The adapter with the method's parameter constraint enforced (OFT's COFT); the identity for most methods.
 
-  The train step applies it after every optimizer update (PEFT overwrites the parameters in place on every
-  forward), and ``init`` and ``merge`` apply it. The method's forward enforces the same constraint on whatever it
+  The train step applies it before the gradient and after every optimizer update (PEFT overwrites the parameters
+  in place at the start of every forward), and ``init`` and ``merge`` apply it. The method's forward enforces the same constraint on whatever it
   is given (without a gradient through it, as PEFT's ``no_grad`` projection), so a loaded or hand-made adapter
   computes what PEFT computes with it.
   """

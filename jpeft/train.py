@@ -92,12 +92,15 @@ def make_train_step(
   """Jitted ``(trainable, opt_state, params, batch, rng) -> (trainable, opt_state, metrics)``.
 
   ``metrics`` holds the loss (before the update), the number of loss tokens and the gradient norm (of the trained
-  tensors). ``remat`` recomputes each decoder layer in the backward pass instead of keeping its activations. After
-  the update the method's parameter constraint is enforced (:func:`jpeft.core.project`: OFT's COFT).
+  tensors). ``remat`` recomputes each decoder layer in the backward pass instead of keeping its activations. The
+  method's parameter constraint (:func:`jpeft.core.project`: OFT's COFT) is enforced before the gradient, as PEFT
+  projects in its forward and then updates the projected values, and again after the update.
   """
   grad = value_and_grad(make_loss_fn(model_config, peft_config, compute_dtype=compute_dtype, remat=remat), peft_config)
 
   def step(trainable, opt_state, params, batch, rng):
+    if peft_config is not None:  # PEFT projects in its forward, then the optimizer updates the projected values
+      trainable = core.project(trainable, peft_config)
     (loss, n), grads = grad(trainable, params, batch, rng)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)

@@ -34,6 +34,46 @@ METHODS = {
     peft_type="LORA", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"]
   ),
   "lora-layers": dict(peft_type="LORA", r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1]),
+  # IA3: output scaling (out, 1) on k/v, input scaling (1, in) on the feed-forward down_proj
+  "ia3": dict(peft_type="IA3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+  "ia3-no-ff": dict(peft_type="IA3", target_modules=["q_proj", "v_proj", "up_proj"], feedforward_modules=[]),
+  # target_modules and feedforward_modules null: PEFT's table for llama (k, v, down; down as feed-forward)
+  "ia3-default-targets": dict(peft_type="IA3"),
+  # OFT on the tiny model's in-features (64 for attention, 128 for down_proj): blocks of 16 (4 or 8 blocks)
+  "oft": dict(peft_type="OFT", r=0, oft_block_size=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+  "oft-exact-cayley": dict(
+    peft_type="OFT", r=0, oft_block_size=16, use_cayley_neumann=False, target_modules=["q_proj", "v_proj"]
+  ),
+  "oft-block-share": dict(
+    peft_type="OFT", r=0, oft_block_size=16, block_share=True, target_modules=["q_proj", "v_proj", "down_proj"]
+  ),
+  # eps 0.1: with 6e-3 the constrained rotations move the logits by 0.0035 of their scale only (the parity tests want
+  # 0.02); the perturbed weights still lie outside the bound, so the projection is exercised
+  "oft-coft": dict(peft_type="OFT", r=0, oft_block_size=16, coft=True, eps=0.1, target_modules=["q_proj", "o_proj"]),
+  "oft-r": dict(peft_type="OFT", r=4, oft_block_size=0, target_modules=["k_proj", "up_proj"]),
+  # VeRA: one shared (r, max_in) / (max_out, r) pair over targets of different shapes
+  # d_initial=1.0: with PEFT's 0.1 the perturbed adapter moves the logits by only 0.0044 of their scale (the parity
+  # tests want 0.02) and 20 steps lower the loss by 0.005 (they want 0.01)
+  "vera": dict(peft_type="VERA", r=8, d_initial=1.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+  "vera-no-projection": dict(
+    peft_type="VERA",
+    r=8,
+    d_initial=1.0,
+    save_projection=False,
+    projection_prng_key=7,
+    target_modules=["q_proj", "up_proj"],
+  ),
+  # FourierFT: the default spectrum N(0, 1) is not the identity; init_weights=True is (zeros)
+  "fourierft": dict(peft_type="FOURIERFT", n_frequency=128, scaling=300.0, target_modules=["q_proj", "v_proj"]),
+  "fourierft-zero-init": dict(
+    peft_type="FOURIERFT",
+    n_frequency=32,
+    scaling=300.0,
+    init_weights=True,
+    n_frequency_pattern={"v_proj": 48},
+    random_loc_seed=11,
+    target_modules=["q_proj", "v_proj", "down_proj"],
+  ),
 }
 
 # Train-mode dropout (tests/test_dropout_parity.py injects jpeft's masks into PEFT; the other tests compare
@@ -56,10 +96,23 @@ DROPOUT_METHODS = {
 # embedding LoRA changes the input lookup only, and its modules_to_save copy of a tied lm_head is a new, untied matrix.
 TIED = ("lora-embedding", "lora-modules-to-save", "lora-embedding-head")
 
-# Rows whose adapter is the identity at init, as PEFT's is (init_lora_weights=False is deliberately not).
-IDENTITY_AT_INIT = {name for name, cfg in METHODS.items() if cfg.get("init_lora_weights", True) is not False}
-# Rows whose merge can be undone from the merged weights alone (additive deltas, no full copies).
+
+def identity_at_init(name: str) -> bool:
+  """Whether a row's fresh adapter is the identity, as its method declares (LoRA with init_lora_weights=False and
+  FourierFT's default init_weights=False deliberately are not)."""
+  from jpeft import registry
+
+  cfg = METHODS[name]
+  return registry.get_method(cfg["peft_type"]).identity_at_init(registry.config_from_dict(cfg))
+
+
+# Rows whose merge can be undone from the merged weights alone by subtraction (additive deltas, no full copies):
+# not DoRA, IA3, OFT (multiplicative), nor modules_to_save copies.
 UNMERGEABLE = {
+  "vera",
+  "vera-no-projection",
+  "fourierft",
+  "fourierft-zero-init",
   "lora",
   "lora-all-linear",
   "rslora",

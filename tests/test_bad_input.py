@@ -367,7 +367,7 @@ CONFLICTS = [
   (dict(use_dora=True, target_modules=["embed_tokens"]), ["use_dora", "embed_tokens"]),
 ]
 
-PEFT_TYPES = ["NOT_A_METHOD", "lora", "Lora", "VERA", "IA3", "", "LORA ", 5, None, True, ["LORA"], {"LORA": 1}]
+PEFT_TYPES = ["NOT_A_METHOD", "lora", "Lora", "POLY", "XLORA", "", "LORA ", 5, None, True, ["LORA"], {"LORA": 1}]
 UNKNOWN_KEY = st.from_regex(r"[a-z][a-z_]{0,14}", fullmatch=True).filter(lambda k: k not in FIELDS)
 
 
@@ -900,9 +900,9 @@ def test_launcher_check_passes_valid_targets(tiny, tmp_path, no_loading, backend
   folder = _experiment(tmp_path, dict(peft_type="LORA", r=2, target_modules=["q_proj", "embed_tokens"]))
   common.check_adapter_targets(common.load_experiment(folder, LAUNCH_OVERRIDES), tiny[0], backend)
   # a PEFT-only method is checked by name on torch, and skipped when PEFT's targeting rules do not apply to it
-  ia3 = _experiment(tmp_path / "ia3", dict(peft_type="IA3", target_modules=["nope"], feedforward_modules=[]))
+  lily = _experiment(tmp_path / "lily", dict(peft_type="LILY", target_modules=["nope"]))
   with pytest.raises(targets_lib.NoMatchingTargetsError, match="nope"):
-    common.check_adapter_targets(common.load_experiment(ia3, LAUNCH_OVERRIDES), tiny[0], "torch")
+    common.check_adapter_targets(common.load_experiment(lily, LAUNCH_OVERRIDES), tiny[0], "torch")
   prompt = _experiment(tmp_path / "prompt", dict(peft_type="PROMPT_TUNING", num_virtual_tokens=4))
   common.check_adapter_targets(common.load_experiment(prompt, LAUNCH_OVERRIDES), tiny[0], "torch")
 

@@ -188,8 +188,8 @@ def test_unknown_peft_type(model, saved):
 
 
 def test_peft_method_not_in_jpeft_yet(model):
-  with pytest.raises(config_lib.UnsupportedConfigError, match="'OFT' is a PEFT method that is not"):
-    core.init(jax.random.key(0), model[1], registry.config_from_dict({"peft_type": "OFT"}), model[0])
+  with pytest.raises(config_lib.UnsupportedConfigError, match="'POLY' is a PEFT method that is not"):
+    core.init(jax.random.key(0), model[1], registry.config_from_dict({"peft_type": "POLY"}), model[0])
 
 
 def test_targets_matching_nothing_shows_names(model):

@@ -388,9 +388,9 @@ def test_peft_rejects_the_same(kwargs):
 
 def test_unknown_peft_type():
   with pytest.raises(UnsupportedConfigError) as info:
-    config_from_dict({"peft_type": "VERA", "r": 4})
+    config_from_dict({"peft_type": "POLY", "r": 4})
   message = str(info.value)
-  assert "VERA" in message and "PEFT method" in message and "not (yet)" in message and "LORA" in message
+  assert "POLY" in message and "PEFT method" in message and "not (yet)" in message and "LORA" in message
   with pytest.raises(UnsupportedConfigError) as info:
     config_from_dict({"peft_type": "NOT_A_METHOD"})
   message = str(info.value)
@@ -493,7 +493,7 @@ def test_load_config_invalid_json(tmp_path):
   # every config error of a file names the file, whatever its type
   for content, error in (
     ({"peft_type": "LORA", "lora_dropout": 1.0}, InvalidConfigError),
-    ({"peft_type": "VERA"}, UnsupportedConfigError),
+    ({"peft_type": "POLY"}, UnsupportedConfigError),
   ):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(content))
     with pytest.raises(error, match=str(tmp_path / CONFIG_NAME)):

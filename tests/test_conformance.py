@@ -17,11 +17,11 @@ import torch
 import transformers
 
 from backends.tiny import make_batch, make_tiny_llama
+from jpeft import registry
 from jpeft import checkpoint, core, optim, train
-from jpeft import config as config_lib
 from jpeft.models import forward, load_model
 from numerics import assert_close_to_scale, scaled_error
-from method_table import IDENTITY_AT_INIT, METHODS, UNMERGEABLE, VOCAB
+from method_table import METHODS, UNMERGEABLE, VOCAB, identity_at_init
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
@@ -35,7 +35,7 @@ def model(request, tmp_path_factory):
 
 def _init(model, method, seed=0):
   config, params = model
-  peft_config = config_lib.config_from_dict(METHODS[method])
+  peft_config = registry.config_from_dict(METHODS[method])
   adapter, adapted_base = core.init(jax.random.key(seed), params, peft_config, config)
   return peft_config, adapter, adapted_base
 
@@ -58,7 +58,7 @@ def test_identity_at_init(model, method):
   peft_config, adapter, base = _init(model, method)
   b = make_batch(0, 2, 12, VOCAB)
   diff = scaled_error(_logits(config, core.apply(base, adapter, peft_config), b), _logits(config, params, b))
-  if method in IDENTITY_AT_INIT:
+  if identity_at_init(method):
     assert diff < 1e-5, diff  # PiSSA/OLoRA: W_res + s·B0·A0 reconstructs W to float32 rounding
   else:
     assert diff > 1e-3, diff
@@ -107,8 +107,12 @@ def test_train_step_changes_only_the_adapter_and_compiles_once(model, method):
   assert step._cache_size() == 1  # the second step reused the first compile
   for k, v in base.items():
     np.testing.assert_array_equal(np.asarray(v), before_base[k], err_msg=k)  # the base is bit-identical
-  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != b)), adapter, before_adapter)
-  assert all(jax.tree_util.tree_leaves(changed))
+  # every trained tensor moved; the method's frozen ones (VeRA's saved projections) are bit-identical
+  trained = core.trainable_mask(adapter, peft_config)
+  for m, tensors in adapter.items():
+    for t, value in tensors.items():
+      moved = bool(np.any(np.asarray(value) != before_adapter[m][t]))
+      assert moved == trained[m][t], (m, t, "trained" if trained[m][t] else "frozen")
 
 
 def test_lorafa_keeps_a(model):
@@ -127,7 +131,7 @@ def test_lorafa_keeps_a(model):
 
 def test_dropout_only_in_training(model):
   config, _ = model
-  peft_config = config_lib.config_from_dict(dict(METHODS["lora"], lora_dropout=0.5))
+  peft_config = registry.config_from_dict(dict(METHODS["lora"], lora_dropout=0.5))
   adapter, base = core.init(jax.random.key(0), model[1], peft_config, config)
   adapter = _perturb(adapter)
   b = make_batch(0, 2, 12, VOCAB)
@@ -145,7 +149,9 @@ def test_dropout_only_in_training(model):
   assert abs(eager - jitted) <= 1e-6 * abs(eager), (eager, jitted)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "lora-embedding", "lora-modules-to-save"])
+@pytest.mark.parametrize(
+  "method", ["lora", "dora", "lora-embedding", "lora-modules-to-save", "ia3", "oft", "vera", "fourierft"]
+)
 def test_merged_folder_loads_in_transformers(model, method, tmp_path):
   config, _ = model
   peft_config, adapter, base = _init(model, method)
@@ -187,3 +193,44 @@ def test_remat_gives_the_same_loss_and_gradients(model):
   flat_remat = jax.tree_util.tree_leaves(remat[1])
   for (path, x), y in zip(flat_plain, flat_remat, strict=True):
     assert_close_to_scale(y, x, 1e-5, what=f"remat gradient {jax.tree_util.keystr(path)}")
+
+
+def test_merge_refuses_a_method_without_merged_weights(model):
+  """A method whose adapted module has no ``materialize`` (its output depends on the input, as Lily's router) must
+  not leave an adapted object inside "merged" params: ``merge`` raises, naming the module."""
+  import dataclasses
+
+  from flax import struct
+
+  from jpeft.config import PeftConfig
+  from jpeft.methods import base
+
+  @struct.dataclass
+  class InputDependent:
+    base: jax.Array
+    gain: jax.Array
+
+    def matmul(self, x, dtype=None):
+      y = jnp.einsum("...i,oi->...o", x, self.base)
+      return y * (1 + self.gain * jnp.tanh(x.mean()))
+
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class _Config(PeftConfig):
+    peft_type: str = "JPEFT_TEST_UNMERGEABLE"
+
+  method = base.Method(
+    config_class=_Config,
+    init_module=lambda key, spec, config: {"gain": jnp.ones(())},
+    adapt_module=lambda spec, t, config, shared, rng: {"weight": InputDependent(spec.weight, t["gain"])},
+  )
+  config, params = model
+  base.register(method)
+  try:
+    peft_config = _Config(target_modules=["q_proj"])
+    adapter, _ = core.init(jax.random.key(0), params, peft_config, config)
+    b = make_batch(0, 2, 12, VOCAB)
+    assert scaled_error(_logits(config, core.apply(params, adapter, peft_config), b), _logits(config, params, b)) > 0
+    with pytest.raises(core.UnmergeableError, match=r"JPEFT_TEST_UNMERGEABLE.*q_proj"):
+      core.merge(params, adapter, peft_config)
+  finally:
+    base._TABLE.pop("JPEFT_TEST_UNMERGEABLE", None)

@@ -459,6 +459,7 @@ def test_full_finetuning_folder_and_shallow_merge(tmp_path):
 def test_suite_folders_are_valid():
   """Every shipped experiment loads; the jax backend accepts exactly the methods jpeft implements."""
   from jpeft import registry
+  from jpeft.config import FrozenDict
 
   names = common.list_experiments()
   for expected in (
@@ -472,7 +473,7 @@ def test_suite_folders_are_valid():
     "base/smollm2-untrained",
   ):
     assert expected in names
-  assert {n.split("/")[0] for n in names} >= {"oft", "ia3", "lily"}
+  assert {n.split("/")[0] for n in names} >= {"oft", "ia3", "lily", "vera", "fourierft"}
   supported = set(registry.registered_peft_types())
   for name in names:
     exp = common.load_experiment(os.path.join(ROOT, "experiments", name))
@@ -480,7 +481,10 @@ def test_suite_folders_are_valid():
     assert train_config.max_steps == (0 if name.startswith("base/") else 150), name
     if exp.peft_config is not None and exp.peft_type in supported:
       peft_config = registry.config_from_dict(exp.peft_config)
-      assert peft_config.peft_type == exp.peft_type and peft_config.r == exp.peft_config["r"], name
+      assert peft_config.peft_type == exp.peft_type, name
+      for key, value in exp.peft_config.items():  # every field as written in the file (PEFT's own reading)
+        if hasattr(peft_config, key):
+          assert getattr(peft_config, key) == FrozenDict({"v": value})["v"], (name, key)
     # the targets of every adapter resolve against SmolLM2's modules, without loading its weights
     common.check_adapter_targets(exp, "smollm2-135m", "jax" if exp.peft_type in supported else "torch")
 
