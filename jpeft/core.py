@@ -14,11 +14,12 @@ The adapter pytree mirrors PEFT's saved state dict one-to-one::
         "model.layers.0.self_attn.q_proj": {"lora_A.weight": (r, in), "lora_B.weight": (out, r)},
         ...
         "lm_head": {"weight": (V, H)},          # a modules_to_save copy
-        SHARED: {"vera_A": ...},                # model-level tensors (VeRA, VB-LoRA), when a method has them
+        SHARED: {"vera_A": ...},                # model-level tensors (VeRA, Lily), when a method has them
     }
 
 and the PEFT key of a tensor is ``base_model.model.<module>.<tensor>`` (``base_model.<tensor>`` for
-:data:`SHARED`). No method writes its own key mapping.
+:data:`SHARED`; a *tied* shared tensor, used by several modules, is saved under each user's key, as PEFT saves a
+parameter shared across layers). No method writes its own key mapping.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
   "init",
   "merge",
   "project",
+  "tied_tensors",
   "to_state_dict",
   "trainable_mask",
   "unmerge",
@@ -160,11 +162,12 @@ def _cast_floats(tensors, dtype):
 
 
 def _adapted_specs(params, adapter: Adapter, config, model_config: LlamaConfig | None) -> dict[str, ModuleSpec]:
-  """The :class:`ModuleSpec` of every module the adapter adapts (not its full copies), by name, kinds checked."""
+  """The :class:`ModuleSpec` of every module the adapter adapts (not its full copies), by name in model order (see
+  :func:`model_order`), kinds checked."""
   method = get_method(config.peft_type)
   save = set(_modules_to_save(adapter, config))
   specs = {}
-  for name in adapter:
+  for name in sorted(adapter, key=model_order):
     if name == SHARED or name in save:
       continue
     kind = module_kind(name, model_config)
@@ -202,6 +205,7 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None, model_c
     shared.update(method.derive_shared(specs, config))
   # one dropout key per module by sorted name, not dict order: jit flattens dicts in sorted key order, so the
   # same rng drops the same units eagerly and under jit
+  tied = _tied_by_module(config, specs, shared)
   names = sorted(n for n in adapter if n != SHARED)
   rngs = jax.random.split(rng, len(names)) if rng is not None else [None] * len(names)
   for r, name in zip(rngs, names):
@@ -209,8 +213,26 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None, model_c
       for suffix, value in adapter[name].items():
         out[f"{name}.{suffix}"] = value
       continue
-    for suffix, entry in method.adapt_module(specs[name], adapter[name], config, shared, r).items():
+    tensors = {**adapter[name], **tied.get(name, {})}
+    for suffix, entry in method.adapt_module(specs[name], tensors, config, shared, r).items():
       out[f"{name}.{suffix}"] = entry
+  return out
+
+
+def tied_tensors(config, specs: Mapping[str, ModuleSpec]) -> dict[str, dict[str, str]]:
+  """``{shared name: {module: tensor name}}``: the method's tied tensors (``Method.tied_tensors``), or ``{}``."""
+  method = get_method(config.peft_type)
+  return {} if method.tied_tensors is None else {s: dict(u) for s, u in method.tied_tensors(specs, config).items()}
+
+
+def _tied_by_module(config, specs, shared) -> dict[str, dict[str, Any]]:
+  """``{module: {tensor name: shared array}}`` for the tied tensors each module uses."""
+  out: dict[str, dict[str, Any]] = {}
+  for name, users in tied_tensors(config, specs).items():
+    if name not in shared:
+      raise AdapterCheckpointError(f"the {config.peft_type} adapter has no shared tensor {name!r}")
+    for module, tensor in users.items():
+      out.setdefault(module, {})[tensor] = shared[name]
   return out
 
 
@@ -240,6 +262,17 @@ def _layer_template() -> dict[str, str]:
 
 
 _KINDS_OF_ONE_LAYER = _layer_template()
+
+
+def model_order(name: str) -> tuple:
+  """A sort key that puts module names in model order (``named_modules``'s), whatever order a dict came in (a tree
+  through ``jit`` comes back with sorted keys, and ``layers.10`` sorts before ``layers.2``)."""
+  order = list(_KINDS_OF_ONE_LAYER)
+  m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+  if m:
+    rest = "model.layers.0." + m.group(2)
+    return (order.index("model.layers.0.self_attn.q_proj"), int(m.group(1)), order.index(rest) if rest in order else 0)
+  return (order.index(name) if name in order else len(order), 0, 0)
 
 
 def module_kind(name: str, model_config: LlamaConfig | None = None) -> str:
@@ -388,10 +421,30 @@ def embedding_base_layers(adapter: Adapter, params, config) -> dict[str, Array]:
   return out
 
 
-def to_state_dict(adapter: Adapter, params=None, config=None) -> dict[str, Array]:
-  """PEFT's saved keys for the adapter (plus the embedding base layers PEFT saves, given params+config)."""
-  state = {peft_key(m, t): v for m, ts in adapter.items() for t, v in ts.items()}
-  if params is not None and config is not None:
+def _tied_keys(adapter: Adapter, params, config) -> dict[str, list[str]]:
+  """``{shared name: [PEFT key of each copy]}`` for the method's tied tensors (model order; the owner first)."""
+  if config is None or get_method(config.peft_type).tied_tensors is None:
+    return {}
+  if params is None:
+    raise ValueError(f"{config.peft_type} ties tensors across modules: its PEFT keys need the model params too")
+  specs = _adapted_specs(params, adapter, config, None)
+  return {s: [peft_key(m, t) for m, t in users.items()] for s, users in tied_tensors(config, specs).items()}
+
+
+def to_state_dict(adapter: Adapter, params=None, config=None, *, embedding_layers: bool = True) -> dict[str, Array]:
+  """PEFT's saved keys for the adapter: a tied tensor under each of its users' keys (PEFT's one copy per layer),
+  plus the embedding base layers PEFT saves (given params and config, unless ``embedding_layers=False``).
+
+  A tree shaped like the adapter (gradients, optimizer moments) maps the same way. Methods with tied tensors
+  (Lily) need ``params`` and ``config``.
+  """
+  tied = _tied_keys(adapter, params, config)
+  state = {}
+  for m, ts in adapter.items():
+    for t, v in ts.items():
+      for key in tied.get(t, [peft_key(m, t)]) if m == SHARED else [peft_key(m, t)]:
+        state[key] = v
+  if params is not None and config is not None and embedding_layers:
     state.update(embedding_base_layers(adapter, params, config))
   return state
 
@@ -424,7 +477,12 @@ def from_state_dict(
   With ``config`` and ``params``, the method's own checks of a loaded adapter run too (``Method.check_loaded``:
   VeRA's saved projections must be those of its ``projection_prng_key``).
   """
-  expected = {peft_key(m, t): (m, t, v) for m, ts in like.items() for t, v in ts.items()}
+  tied = _tied_keys(like, params, config)
+  expected = {}
+  for m, ts in like.items():
+    for t, v in ts.items():
+      for key in tied.get(t, [peft_key(m, t)]) if m == SHARED else [peft_key(m, t)]:
+        expected[key] = (m, t, v)
   for key, ref in dict(extra).items():
     if key in state:
       check_tensor(state[key], key, source)
@@ -445,11 +503,28 @@ def from_state_dict(
         f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the config expects {tuple(ref.shape)}"
       )
     out.setdefault(m, {})[t] = jnp.asarray(value, dtype=ref.dtype)
+  for name, keys in tied.items():
+    _check_copies_equal(state, keys, name, config, source)
+    out[SHARED][name] = jnp.asarray(state[keys[0]], dtype=like[SHARED][name].dtype)
   if config is not None and params is not None:
     method = get_method(config.peft_type)
     if method.check_loaded is not None:
       method.check_loaded(out, config, _adapted_specs(params, out, config, None), source)
   return out
+
+
+def _check_copies_equal(state, keys: list[str], name: str, config, source: str) -> None:
+  """The saved copies of one tied tensor must be equal (PEFT saves one clone per layer of the same parameter)."""
+  first = np.asarray(state[keys[0]])
+  for key in keys[1:]:
+    copy = np.asarray(state[key])
+    if not np.array_equal(copy, first):
+      diff = float(np.max(np.abs(copy.astype(np.float64) - first.astype(np.float64))))
+      raise AdapterCheckpointError(
+        f"{source}: {key!r} differs from {keys[0]!r} (max |difference| {diff:.3g}), but {config.peft_type} shares "
+        f"this tensor across {len(keys)} layers, so every saved copy must be equal: the checkpoint was edited or "
+        f"is corrupt"
+      )
 
 
 def check_tensor(value, key: str, source: str, *, floating: bool = True) -> None:

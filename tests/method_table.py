@@ -74,6 +74,11 @@ METHODS = {
     random_loc_seed=11,
     target_modules=["q_proj", "v_proj", "down_proj"],
   ),
+  # Lily: lily_B shared by every layer of a target, lily_A by stride_A consecutive layers, a router per layer
+  "lily": dict(peft_type="LILY", r=8, num_B=2, scaling=2.0, target_modules=["q_proj", "v_proj"]),
+  "lily-stride": dict(
+    peft_type="LILY", r=4, num_B=3, stride_A=2, scaling=3.0, target_modules=["q_proj", "o_proj", "down_proj"]
+  ),
 }
 
 # Train-mode dropout (tests/test_dropout_parity.py injects jpeft's masks into PEFT; the other tests compare
@@ -124,3 +129,7 @@ UNMERGEABLE = {
   "lora-pissa",
   "lora-olora",
 }
+
+
+# Rows whose adapted modules have no merged weight (Lily routes on the input): merge raises UnmergeableError.
+NO_MERGE = {"lily", "lily-stride"}

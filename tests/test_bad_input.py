@@ -900,9 +900,9 @@ def test_launcher_check_passes_valid_targets(tiny, tmp_path, no_loading, backend
   folder = _experiment(tmp_path, dict(peft_type="LORA", r=2, target_modules=["q_proj", "embed_tokens"]))
   common.check_adapter_targets(common.load_experiment(folder, LAUNCH_OVERRIDES), tiny[0], backend)
   # a PEFT-only method is checked by name on torch, and skipped when PEFT's targeting rules do not apply to it
-  lily = _experiment(tmp_path / "lily", dict(peft_type="LILY", target_modules=["nope"]))
+  randlora = _experiment(tmp_path / "randlora", dict(peft_type="RANDLORA", target_modules=["nope"]))
   with pytest.raises(targets_lib.NoMatchingTargetsError, match="nope"):
-    common.check_adapter_targets(common.load_experiment(lily, LAUNCH_OVERRIDES), tiny[0], "torch")
+    common.check_adapter_targets(common.load_experiment(randlora, LAUNCH_OVERRIDES), tiny[0], "torch")
   prompt = _experiment(tmp_path / "prompt", dict(peft_type="PROMPT_TUNING", num_virtual_tokens=4))
   common.check_adapter_targets(common.load_experiment(prompt, LAUNCH_OVERRIDES), tiny[0], "torch")
 

@@ -59,13 +59,16 @@ SCHEMA = {
 def assets(tmp_path_factory):
   """A tiny random Llama folder, a tiny byte-level BPE tokenizer folder, and experiment folders."""
   root = tmp_path_factory.mktemp("experiments")
-  # Lily is a PEFT method jpeft does not implement yet (the torch backend runs it); when it lands, use one it lacks
-  lily = {"peft_type": "LILY", "r": 4, "num_B": 2, "target_modules": ["q_proj", "v_proj"]}
+  # RandLoRA is a PEFT method jpeft does not implement (the torch backend runs it); if it lands, use one jpeft lacks
+  randlora = {"peft_type": "RANDLORA", "r": 4, "target_modules": ["q_proj", "v_proj"]}
   out = make_experiment_assets(
     root,
     {
       "lora/tiny-rank4": {"adapter_config.json": LORA},
-      "lily/tiny-default": {"adapter_config.json": lily, "training_params.json": {"optimizer_kwargs": {"lr": 1e-3}}},
+      "randlora/tiny-default": {
+        "adapter_config.json": randlora,
+        "training_params.json": {"optimizer_kwargs": {"lr": 1e-3}},
+      },
     },
     vocab_size=VOCAB,
   )
@@ -269,14 +272,14 @@ def test_untrained_reference_run(assets, tmp_path, backend):
     common.make_train_config(common.load_experiment(str(assets["exps"] / "lora" / "tiny-rank4"), {"max_steps": -1}))
 
 
-def test_compare_plan_runs_peft_only_methods_on_torch_only():
+def test_compare_plan_runs_peft_only_methods_on_torch_only(assets):
   from tools import compare
 
-  lily = "lily/smollm2-rank168-a2-b2-s2.0"
-  runs = compare.plan(["lora/smollm2-rank32", lily], ["jax", "torch"], {})
-  assert runs == [("lora/smollm2-rank32", "jax"), ("lora/smollm2-rank32", "torch"), (lily, "torch")]
+  randlora = str(assets["exps"] / "randlora" / "tiny-default")
+  runs = compare.plan(["lora/smollm2-rank32", randlora], ["jax", "torch"], {})
+  assert runs == [("lora/smollm2-rank32", "jax"), ("lora/smollm2-rank32", "torch"), (randlora, "torch")]
   # asked for jax alone, a method jpeft lacks is still attempted (and fails with a clear error)
-  assert compare.plan([lily], ["jax"], {}) == [(lily, "jax")]
+  assert compare.plan([randlora], ["jax"], {}) == [(randlora, "jax")]
 
 
 def test_report_command_line(assets, lora_results, tmp_path):
@@ -305,15 +308,15 @@ def test_pareto_front():
 
 
 def test_peft_only_method_runs_on_torch(assets):
-  result, path = _run(assets, "lily/tiny-default", "torch", max_steps=2, eval_steps=0)
+  result, path = _run(assets, "randlora/tiny-default", "torch", max_steps=2, eval_steps=0)
   _check_schema(result)
   info = result["train_info"]
-  assert result["run_info"]["peft_config"]["peft_type"] == "LILY"
-  # Lily r=4, num_B=2 on q (64 -> 64) and v (64 -> 32) of 2 layers: an A (4, 64) and a router (2, 4) per module
-  # and layer, one B (8, out) per target shared by both layers (PEFT counts a shared parameter once)
-  assert info["num_trainable_params"] == 4 * (4 * 64 + 2 * 4) + 8 * 64 + 8 * 32
+  assert result["run_info"]["peft_config"]["peft_type"] == "RANDLORA"
+  # RandLoRA r=4 trains, per module, lambda (r, n) and gamma (n, min(in, out)) with n = min(in, out) / r bases:
+  # q (64 -> 64): n = 16; v (64 -> 32): n = 8; two layers
+  assert info["num_trainable_params"] == 2 * (4 * 16 + 16 * 64 + 4 * 8 + 8 * 32)
   assert len(info["losses"]) == 2 and info["file_size"] > 0
-  assert os.path.basename(path) == "lily--tiny-default--torch.json"
+  assert os.path.basename(path) == "randlora--tiny-default--torch.json"
   # the experiment's optimizer_kwargs replaced the default dict whole (PEFT's shallow update)
   assert result["run_info"]["train_config"]["optimizer_kwargs"] == {"lr": 1e-3}
 
@@ -436,9 +439,9 @@ def test_dataset_without_fields(assets, no_loading, tmp_path, backend):
 def test_unsupported_method_on_jax(assets, no_loading):
   from jpeft import config as config_lib
 
-  # Lily is not in jpeft yet; when it lands, point this test at a PEFT method jpeft still lacks.
-  with pytest.raises(config_lib.UnsupportedConfigError, match="LILY"):
-    _try(assets, assets["exps"] / "lily" / "tiny-default", "jax")
+  # RandLoRA is not in jpeft; if it lands, point this test at a PEFT method jpeft still lacks.
+  with pytest.raises(config_lib.UnsupportedConfigError, match="RANDLORA"):
+    _try(assets, assets["exps"] / "randlora" / "tiny-default", "jax")
 
 
 def test_full_finetuning_folder_and_shallow_merge(tmp_path):

@@ -58,7 +58,7 @@ def test_logits_match_transformers(tiny, pad):
   folder, model = tiny
   config, params = load_model(folder)
   ids, mask = _batch(config.vocab_size, pad)
-  positions = np.maximum(mask.cumsum(-1) - 1, 0)
+  positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)  # transformers' generate: padding at position 1
   with torch.no_grad():
     ref = model(
       input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
@@ -66,6 +66,9 @@ def test_logits_match_transformers(tiny, pad):
   out = np.asarray(jax.jit(forward, static_argnums=1)(params, config, ids, mask))
   # two libraries, two orders of float32 sums: a few epsilons of the largest logit per reduction step
   assert_close_to_scale(out, ref, 1e-5, mask=mask.astype(bool), what=f"{pad}-padded logits vs transformers")
+  # padded positions too (a left-padding query attends to nothing: 0, as SDPA gives it): Lily's router averages over
+  # every position of the batch. Measured 1.7e-7 (left) / 5.6e-7 (right); attending uniformly instead is 1.08 away.
+  assert_close_to_scale(out, ref, 1e-5, what=f"{pad}-padded logits vs transformers, padding included")
   assert np.isfinite(out).all()
 
 

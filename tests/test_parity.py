@@ -14,6 +14,7 @@ prints every measured ratio next to its bound. The numbers behind each bound are
 """
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -47,6 +48,11 @@ LOSS_REL = 16 * EPS32
 # residual base (above) gives 1.73e-5; bound 5e-5.
 GRAD_REL = 1e-5
 GRAD_REL_RESIDUAL = 5e-5
+# Lily's router gradient reaches the router through the batch mean of a softmax whose components sum to 1, so its
+# terms largely cancel: against a float64 PEFT run of the same batch, PEFT's own float32 gradient of layer 0's q_proj
+# router is 2.25e-5 off and jpeft's 2.84e-5 (every other Lily tensor: ≤ 2.5e-6); the two float32 ones differ by
+# 4.82e-5. Bound 1e-4 for router tensors only.
+GRAD_REL_ROUTER = 1e-4
 # Loss curves, relative per step: AdamW divides by sqrt(v) ~ |g|, which amplifies the gradients' last-bit
 # differences in small entries. Measured worst 6.65e-6 (AdamW, lora-modules-to-save on the tied base; 1.4e-6 for
 # most rows), 9.9e-7 (LoRA+); bound 5e-5 (formerly 1e-3). LoRA-FA: PEFT projects B's gradient under bf16 autocast
@@ -114,15 +120,23 @@ def _frozen_keys(method, state):
 
 
 def _perturbed(state, seed, method=None):
-  """Every trained adapter tensor moved away from its init (B ≠ 0, magnitudes ≠ ‖W‖, IA3's scales ≠ 1)."""
+  """Every trained adapter tensor moved away from its init (B ≠ 0, magnitudes ≠ ‖W‖, IA3's scales ≠ 1).
+
+  For a method with tied tensors (Lily), the saved copies of one tensor shared across layers (the same module and
+  tensor name in several layers, equal values) get the same perturbation, so they stay one tensor.
+  """
   rng = np.random.default_rng(seed)
   keep = _frozen_keys(method, state) if method is not None else set()
-  out = {}
+  ties = method is not None and registry.get_method(METHODS[method]["peft_type"]).tied_tensors is not None
+  out, noise = {}, {}
   for k, v in state.items():
     if ".base_layer." in k or k in keep:
       out[k] = v
-    else:
-      out[k] = (v + 0.1 * rng.standard_normal(v.shape) * (np.abs(v).mean() + 0.1)).astype(v.dtype)
+      continue
+    copies = (re.sub(r"\.layers\.\d+\.", ".layers.*.", k), v.shape, np.asarray(v).tobytes()) if ties else k
+    if copies not in noise:
+      noise[copies] = 0.1 * rng.standard_normal(v.shape) * (np.abs(v).mean() + 0.1)
+    out[k] = (v + noise[copies]).astype(v.dtype)
   return out
 
 
@@ -208,7 +222,7 @@ def test_gradients_match(method, base, all_backends):
   assert set(g_pt) == set(g_jx) and g_pt
   for k in g_pt:
     assert np.abs(g_pt[k]).max() > 0, k
-    rel = GRAD_REL_RESIDUAL if _residual(method) else GRAD_REL
+    rel = GRAD_REL_RESIDUAL if _residual(method) else GRAD_REL_ROUTER if k.endswith(".lily_router.weight") else GRAD_REL
     assert_close_to_scale(g_jx[k], g_pt[k], rel, what=f"{method}/{base}: gradient {k}")
 
 

@@ -16,6 +16,13 @@ imports every method file and answers lookups; :mod:`jpeft.core` runs the functi
   ``save_projection=False``, from ``projection_prng_key``). They are numpy constants at trace time
   (:attr:`Method.derive_shared`, or computed inside ``adapt_module``).
 
+A shared tensor may also be *tied*: one array used by several modules under a per-module tensor name
+(:attr:`Method.tied_tensors`: Lily's ``lily_B``, shared by every layer of a target). It is one leaf of the adapter
+(trained once; its gradient is the sum over the modules that use it), each module's ``adapt_module`` sees it among
+its own tensors under the per-module name, and it is saved as PEFT saves a tensor shared across layers: one copy
+under every user's key (``base_model.model.<module>.<tensor>``), never as ``base_model.<name>``. On load the copies
+must be equal; the first one becomes the array.
+
 Strict loading follows from this: the adapter ``init`` builds holds exactly the tensors PEFT saves, so a file must
 hold those keys, no more and no fewer.
 
@@ -90,6 +97,9 @@ class Method:
       applied after every optimizer update and at init and merge; ``adapt_module`` must enforce the same one on
       whatever it is given, without a gradient through it (PEFT projects in place under ``no_grad`` in every
       forward).
+    tied_tensors: ``(specs, config) -> {shared name: {module: tensor name}}``, the shared tensors that are tied
+      (see above): which modules use each one and under which name. Modules are listed in model order; the first
+      is the tensor's owner.
     check_loaded: ``(adapter, config, specs, source) -> None``, checks of a loaded adapter beyond keys and shapes
       (VeRA: saved projections that must equal those of ``projection_prng_key``); raises
       :class:`jpeft.config.AdapterCheckpointError` naming ``source``.
@@ -107,6 +117,7 @@ class Method:
   tensor_axes: Callable[[str, str, Any], tuple | None] | None = None
   project: Callable[..., dict] | None = None
   check_loaded: Callable[..., None] | None = None
+  tied_tensors: Callable[..., Mapping[str, Mapping[str, str]]] | None = None
 
   @property
   def peft_type(self) -> str:

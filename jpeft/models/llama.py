@@ -261,9 +261,14 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Arra
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-  """Position of each token among the real tokens of its row (left padding gets 0; it is masked anyway)."""
+  """Position of each token among the real tokens of its row; padding gets 1, as in transformers' ``generate``
+  (``(cumsum(mask) - 1).masked_fill(mask == 0, 1)``).
+
+  Padded positions never reach a real token's output, but a method that averages over the whole batch (Lily's
+  router) sees their hidden states, so they are computed as transformers computes them.
+  """
   pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
-  return jnp.maximum(pos, 0)
+  return jnp.where(attention_mask.astype(bool), pos, 1)
 
 
 @jax.tree_util.register_dataclass
@@ -282,13 +287,18 @@ class KVCache:
 
 
 def _attention(q, k, v, allowed, dtype):
-  """Grouped-query attention. q (B,T,H,D), k/v (B,S,KV,D), allowed (B,T,S) bool -> (B,T,H*D)."""
+  """Grouped-query attention. q (B,T,H,D), k/v (B,S,KV,D), allowed (B,T,S) bool -> (B,T,H*D).
+
+  A query that may attend to no key (a left-padding position) gets 0, as transformers' default SDPA attention
+  gives it: padded positions never reach a real token, but Lily's router averages over every position of the batch.
+  """
   b, t, h, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d**-0.5)
   scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(jnp.any(allowed, axis=-1)[:, None, None, :, None], probs, 0.0).astype(dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h * d)
 
@@ -352,7 +362,7 @@ def forward(
       prior = jnp.sum(
         jnp.where(jnp.arange(cache.valid.shape[1]) < cache_index, cache.valid, False), axis=-1, keepdims=True
       )
-      positions = jnp.maximum(prior + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+      positions = jnp.where(mask, prior + jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 1)
     key_valid = valid
     q_index = cache_index + jnp.arange(t)
     k_index = jnp.arange(cache.valid.shape[1])
