@@ -356,6 +356,11 @@ def unmerge(merged, adapter: Adapter, config, *, model_config: LlamaConfig | Non
 # Trainable split and counts
 
 
+def batch_coupled(config) -> bool:
+  """Whether the method's output for a row depends on the batch's other rows (``Method.batch_coupled``: Lily)."""
+  return config is not None and get_method(config.peft_type).batch_coupled
+
+
 def frozen_tensors(config) -> frozenset[str]:
   """Names of the saved tensors the method never trains (VeRA's saved projections)."""
   return frozenset(get_method(config.peft_type).frozen_tensors(config))

@@ -503,11 +503,16 @@ class Trainer:
     """The device batch for these examples, its padded length and its number of non-pad tokens."""
     c = self.config
     length = self.padded_length(indices)
+    # a batch-coupled method (Lily) must see the batch PEFT sees: no filler rows, and an adapted head on every position
+    coupled = core.batch_coupled(self.peft_config)
     batch = data_lib.collate(
-      [self.train_examples[i] for i in indices], pad_token_id=self.pad_token_id, length=length, batch_size=c.batch_size
+      [self.train_examples[i] for i in indices],
+      pad_token_id=self.pad_token_id,
+      length=length,
+      batch_size=None if coupled else c.batch_size,
     )
     tokens = int(batch["attention_mask"].sum())
-    if c.head_on_loss_tokens:
+    if c.head_on_loss_tokens and not (coupled and "lm_head" in (self.trainable or {})):
       gathered = loss_positions(batch["labels"], width=max(length // 2, 1))
       if gathered is not None:
         batch["loss_positions"], batch["loss_targets"] = gathered
@@ -549,12 +554,14 @@ class Trainer:
     texts: list[str] = []
     for start in range(0, len(prompts), rows):
       chunk = prompts[start : start + rows]
-      filled = chunk + [chunk[0]] * (rows - len(chunk))  # filler rows must hold a real last token
+      # filler rows (one compiled shape for every chunk) must hold a real last token; none for a batch-coupled
+      # method (Lily), whose outputs they would change
+      filled = chunk if core.batch_coupled(self.peft_config) else chunk + [chunk[0]] * (rows - len(chunk))
       length = data_lib.choose_padded_length(
         max(len(p) for p in filled), multiple=c.pad_multiple, powers_of_two=c.pad_powers_of_two
       )
-      ids = np.full((rows, length), self.pad_token_id, np.int32)
-      mask = np.zeros((rows, length), np.int32)
+      ids = np.full((len(filled), length), self.pad_token_id, np.int32)
+      mask = np.zeros((len(filled), length), np.int32)
       for i, p in enumerate(filled):
         ids[i, length - len(p) :] = p
         mask[i, length - len(p) :] = 1

@@ -377,3 +377,33 @@ def test_non_finite_state_is_never_saved(tiny, tmp_path):
   finally:
     manager.close()
   assert _checkpoints(tmp_path / "ckpt")[0] == [2]
+
+
+def test_batch_coupled_method_sees_the_batch_peft_sees(tiny, monkeypatch):
+  """Lily's router averages over the batch: a short batch gets no filler rows, an adapted head every position, and
+  a short generation chunk no filler prompts (LoRA keeps them: one compiled shape)."""
+  import jpeft.trainer as trainer_lib
+  from jpeft import registry
+
+  model_config, params, tok, train, valid, test = tiny
+  lily = registry.config_from_dict(dict(peft_type="LILY", r=4, target_modules=["q_proj", "lm_head"]))
+  cfg = setup.train_config(batch_size=4, max_steps=1, batch_size_eval=2, max_new_tokens=2)
+  trainer = Trainer(model_config, params, lily, tok, train, valid, test, cfg)
+  batch, _, _ = trainer.make_batch([0, 1, 2])
+  assert batch["input_ids"].shape[0] == 3 and "loss_positions" not in batch
+  lora = Trainer(model_config, params, setup.lora_config(), tok, train, valid, test, cfg)
+  batch, _, _ = lora.make_batch([0, 1, 2])
+  assert batch["input_ids"].shape[0] == 4 and "loss_positions" in batch
+
+  rows = []
+  real = trainer_lib.generate
+
+  def recording(model_params, config, ids, mask, **kw):
+    rows.append(ids.shape[0])
+    return real(model_params, config, ids, mask, **kw)
+
+  monkeypatch.setattr(trainer_lib, "generate", recording)
+  queries = [q for q, _ in test] + [q for q, _ in valid][:1]  # 3 prompts in chunks of 2
+  assert len(trainer.generate_texts(queries)) == 3 and rows == [2, 1]
+  rows.clear()
+  assert len(lora.generate_texts(queries)) == 3 and rows == [2, 2]

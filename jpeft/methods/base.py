@@ -97,6 +97,9 @@ class Method:
       applied after every optimizer update and at init and merge; ``adapt_module`` must enforce the same one on
       whatever it is given, without a gradient through it (PEFT projects in place under ``no_grad`` in every
       forward).
+    batch_coupled: whether a row's output depends on the other rows of the batch (Lily's router averages over
+      every token of the batch): the trainer then adds no filler rows to a short batch and gives the head every
+      position, so that the batch is the one PEFT sees.
     tied_tensors: ``(specs, config) -> {shared name: {module: tensor name}}``, the shared tensors that are tied
       (see above): which modules use each one and under which name. Modules are listed in model order; the first
       is the tensor's owner.
@@ -118,6 +121,7 @@ class Method:
   project: Callable[..., dict] | None = None
   check_loaded: Callable[..., None] | None = None
   tied_tensors: Callable[..., Mapping[str, Mapping[str, str]]] | None = None
+  batch_coupled: bool = False
 
   @property
   def peft_type(self) -> str:

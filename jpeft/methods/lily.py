@@ -17,8 +17,8 @@ the batch only (as PEFT's ``generate`` with a KV cache does).
 
 **Sharing.** Targets are grouped by (matched target suffix, base weight shape), as PEFT's ``_post_injection_hook``
 does; the matched suffix of a module is the last entry of ``target_modules`` that its name ends with (the whole
-``target_modules`` when it is a regex string; the module's own name for ``"all-linear"``, which PEFT expands to
-leaf names). In each group, in model order, every layer uses the group's first ``lily_B`` and the ``lily_A`` of
+``target_modules`` when it is a regex string; for ``"all-linear"``, which PEFT expands to full module names, the
+module's own name: **with "all-linear" PEFT's Lily shares nothing across layers**, and jpeft does the same). In each group, in model order, every layer uses the group's first ``lily_B`` and the ``lily_A`` of
 the first layer of its block of ``stride_A`` consecutive layers; the router is per layer. Each shared A and B is
 one tied tensor of the adapter (:mod:`jpeft.methods.base`): trained once, with the gradient summed over its users
 (as a PyTorch parameter used by several layers), saved under every layer's key (PEFT's one clone per layer), and
@@ -113,7 +113,8 @@ def init_module(key, spec: ModuleSpec, config: LilyConfig) -> dict:
 def _matched_suffix(name: str, config: LilyConfig) -> str:
   targets = config.target_modules
   if isinstance(targets, str):
-    return name.split(".")[-1] if targets.lower() == targets_lib.INCLUDE_LINEAR_LAYERS_SHORTHAND else targets
+    # PEFT expands "all-linear" to the full module names, so each module is its own group (nothing is shared)
+    return name if targets.lower() == targets_lib.INCLUDE_LINEAR_LAYERS_SHORTHAND else targets
   if targets is None:  # PEFT's default table for the architecture (leaf names)
     targets = targets_lib.default_target_modules(config.peft_type, "llama", {name: "linear"}) or ()
   matched = None
@@ -183,6 +184,7 @@ METHOD = register(
     supported_kinds=SUPPORTED_KINDS,
     init_shared=init_shared,
     tied_tensors=tied_tensors,
+    batch_coupled=True,
     identity_at_init=_identity_at_init,
     tensor_axes=_tensor_axes,
   )
