@@ -111,6 +111,21 @@ def identity_at_init(name: str) -> bool:
   return registry.get_method(cfg["peft_type"]).identity_at_init(registry.config_from_dict(cfg))
 
 
+def copy_group(peft_type: str, key: str, value):
+  """What identifies the saved copies of one tensor, for perturbing a state dict: the key itself, except for a method
+  with tied tensors (Lily), whose copies of one tensor shared across layers (the same module and tensor name in
+  several layers, with equal values) must get the same perturbation to stay one tensor."""
+  import re
+
+  import numpy as np
+
+  from jpeft import registry
+
+  if registry.get_method(peft_type).tied_tensors is None:
+    return key
+  return re.sub(r"\.layers\.\d+\.", ".layers.*.", key), np.shape(value), np.asarray(value).tobytes()
+
+
 # Rows whose merge can be undone from the merged weights alone by subtraction (additive deltas, no full copies):
 # not DoRA, IA3, OFT (multiplicative), nor modules_to_save copies.
 UNMERGEABLE = {

@@ -14,7 +14,6 @@ prints every measured ratio next to its bound. The numbers behind each bound are
 """
 
 import os
-import re
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from backends.tiny import make_batch, make_tiny_llama
 from jpeft import core, registry
 from numerics import EPS32, assert_close_to_scale, scaled_error
 
-from method_table import METHODS, TIED, VOCAB
+from method_table import METHODS, TIED, VOCAB, copy_group
 
 # Measured worst ratios below are the largest over all rows under the three XLA settings (they agree to 2 digits).
 #
@@ -122,18 +121,16 @@ def _frozen_keys(method, state):
 def _perturbed(state, seed, method=None):
   """Every trained adapter tensor moved away from its init (B ≠ 0, magnitudes ≠ ‖W‖, IA3's scales ≠ 1).
 
-  For a method with tied tensors (Lily), the saved copies of one tensor shared across layers (the same module and
-  tensor name in several layers, equal values) get the same perturbation, so they stay one tensor.
+  The saved copies of one tied tensor (Lily's, shared across layers) get the same perturbation (``copy_group``).
   """
   rng = np.random.default_rng(seed)
   keep = _frozen_keys(method, state) if method is not None else set()
-  ties = method is not None and registry.get_method(METHODS[method]["peft_type"]).tied_tensors is not None
   out, noise = {}, {}
   for k, v in state.items():
     if ".base_layer." in k or k in keep:
       out[k] = v
       continue
-    copies = (re.sub(r"\.layers\.\d+\.", ".layers.*.", k), v.shape, np.asarray(v).tobytes()) if ties else k
+    copies = copy_group(METHODS[method]["peft_type"], k, v) if method is not None else k
     if copies not in noise:
       noise[copies] = 0.1 * rng.standard_normal(v.shape) * (np.abs(v).mean() + 0.1)
     out[k] = (v + noise[copies]).astype(v.dtype)

@@ -14,6 +14,8 @@ from jpeft.models import load_tokenizer
 from numerics import scaled_error
 from test_smollm2 import PROMPTS
 
+from method_table import copy_group
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +24,7 @@ EXPERIMENTS = {
   "oft": "oft/smollm2-rank32",
   "vera": "vera/smollm2-default",
   "fourierft": "fourierft/smollm2-default",
+  "lily": "lily/smollm2-rank168-a2-b2-s2.0",
 }
 # fp32 logits through 30 layers. The bare models agree to 3.5e-6 of the largest logit on these prompts
 # (tests/test_smollm2.py) and LoRA r32 with a small perturbation to 2.8e-6. These adapters change the model far more
@@ -50,12 +53,15 @@ def _config(method):
 def _perturbed(state, config, seed):
   frozen = core.frozen_tensors(registry.config_from_dict(config))
   rng = np.random.default_rng(seed)
-  out = {}
+  out, noise = {}, {}
   for k, v in state.items():
     if any(k == core.peft_key(core.SHARED, t) or k.endswith("." + t) for t in frozen):
       out[k] = v
-    else:
-      out[k] = (v + 0.05 * rng.standard_normal(v.shape) * (np.abs(v).mean() + 1.0)).astype(v.dtype)
+      continue
+    group = copy_group(config["peft_type"], k, v)  # the copies of one of Lily's shared tensors move together
+    if group not in noise:
+      noise[group] = 0.05 * rng.standard_normal(v.shape) * (np.abs(v).mean() + 1.0)
+    out[k] = (v + noise[group]).astype(v.dtype)
   return out
 
 
