@@ -156,8 +156,11 @@ def load_pretrained(folder: str, params, model_config: LlamaConfig, *, key=None)
   weights = os.path.join(folder, ADAPTER_WEIGHTS)
   if not os.path.exists(weights):
     raise config_lib.FileMissingError(f"adapter weights not found: {weights!r} (the folder has {ADAPTER_CONFIG} only)")
-  template, params = core.init(key if key is not None else jax.random.key(0), params, config, model_config)
   state = read_safetensors(weights)
+  method = registry.get_method(config.peft_type)
+  if method.checkpoint_config is not None:  # what the tensors were really made with (BOFT's CPU butterfly factor)
+    config = method.checkpoint_config(config, state, weights)
+  template, params = core.init(key if key is not None else jax.random.key(0), params, config, model_config)
   extra = core.embedding_base_layers(template, params, config)
   adapter = core.from_state_dict(
     state, template, source=os.path.join(folder, ADAPTER_WEIGHTS), extra=extra, config=config, params=params

@@ -155,6 +155,11 @@ class AdapterCheckpointError(JpeftError):
   """An adapter (a checkpoint file or an adapter pytree) that does not fit its config or the model."""
 
 
+class UnmergeableError(JpeftError):
+  """``merge`` of a method whose adapted modules have no merged weight (they depend on the input, or add a path
+  that is no weight, such as a prompt, or a bias the base model lacks)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Hashable containers
 # ---------------------------------------------------------------------------------------------------------------
@@ -720,6 +725,17 @@ def check_int(field: str, value: Any, *, minimum: Optional[int] = None, what: st
   if minimum is not None and value < minimum:
     bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     raise InvalidConfigError(f"`{field}` should be {bound}{what} but the value passed is {value}")
+
+
+def check_bias(value, only: Optional[str] = None) -> None:
+  """PEFT's ``bias`` rule: ``"none"``, ``"all"``, and ``only`` (e.g. ``"lora_only"``) or, without ``only``, any value
+  ending in ``"_only"`` (the tuners that test ``bias.endswith("_only")``)."""
+  allowed = value in ("none", "all") or (value == only if only is not None else value.endswith("_only"))
+  if not allowed:
+    expected = repr(only) if only is not None else "end in '_only'"
+    raise InvalidConfigError(
+      f"Requested bias: {show(value)}, is not implemented (`bias` must be 'none', 'all' or {expected})."
+    )
 
 
 def check_probability(field: str, p: Any) -> None:

@@ -35,7 +35,7 @@ from absl import logging
 from jpeft import config as config_lib
 from jpeft import registry
 from jpeft import targets as targets_lib
-from jpeft.config import AdapterCheckpointError
+from jpeft.config import AdapterCheckpointError, UnmergeableError
 from jpeft.methods.base import SHARED, Method, ModuleSpec
 from jpeft.models.llama import LlamaConfig, base_array, module_kinds
 
@@ -62,11 +62,6 @@ Adapter = dict  # {module name: {tensor name: array}}
 PEFT_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
 get_method = registry.get_method
-
-
-class UnmergeableError(config_lib.JpeftError):
-  """``merge`` of a method whose adapted modules have no merged weight (they depend on the input, or add a path
-  that is no weight, such as a prompt)."""
 
 
 # ----------------------------------------------------------------------------------------------------------

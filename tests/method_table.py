@@ -79,6 +79,61 @@ METHODS = {
   "lily-stride": dict(
     peft_type="LILY", r=4, num_B=3, stride_A=2, scaling=3.0, target_modules=["q_proj", "o_proj", "down_proj"]
   ),
+  # --- boft rows (BOFT: one butterfly factor, as PEFT runs it on a CPU; factor > 1 in tests/test_boft.py) ---
+  "boft": dict(peft_type="BOFT", boft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+  "boft-block-num": dict(peft_type="BOFT", boft_block_size=0, boft_block_num=4, target_modules=["k_proj", "up_proj"]),
+  "boft-init-false": dict(
+    peft_type="BOFT", boft_block_size=16, init_weights=False, target_modules=["o_proj", "gate_proj"]
+  ),
+  # --- hra rows ---
+  "hra": dict(peft_type="HRA", r=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+  "hra-gs": dict(peft_type="HRA", r=4, apply_GS=True, target_modules=["q_proj", "down_proj"]),
+  # init_weights=False: r independent columns (not the identity at init)
+  "hra-init-false": dict(peft_type="HRA", r=6, init_weights=False, target_modules=["k_proj", "o_proj", "down_proj"]),
+  # --- beft rows ---
+  # BEFT on the tiny model (no biases): not mergeable, as in PEFT (merging into a base bias: tests/test_beft.py)
+  "beft": dict(peft_type="BEFT", target_modules=["q_proj", "v_proj", "down_proj"]),
+  # every linear. (PEFT's default target, v_proj alone, lowers the loss by only 0.0104 in the 16 steps of the curves
+  # (bound 0.01); it and init_weights=False, whose N(0, 1) biases the steps barely move, are in tests/test_beft.py)
+  "beft-all-linear": dict(peft_type="BEFT", target_modules="all-linear"),
+  # --- loha rows ---
+  # alpha 32 / 16: ΔW is a Hadamard product of two small products; with alpha = 2r the perturbed adapter moves the
+  # logits by only 0.015 of their scale (the parity tests want 0.02)
+  "loha": dict(peft_type="LOHA", r=4, alpha=32, target_modules=["q_proj", "v_proj", "down_proj"]),
+  "loha-patterns": dict(
+    peft_type="LOHA", r=4, alpha=16, target_modules=ALL, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3}
+  ),
+  "loha-init-false": dict(peft_type="LOHA", r=2, alpha=3, init_weights=False, target_modules=["k_proj", "up_proj"]),
+  # --- lokr rows ---
+  # q/v (64 -> 64 / 32): full w1 and w2 (r=4 is not < max(b, d) / 2 = 4); down (128 -> 64): w2 = w2_a w2_b
+  "lokr": dict(peft_type="LOKR", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+  # factor 8: k (64 -> 32) splits out 32 as (8, 4) (PEFT does not reorder), in 64 as (8, 8); w1 and w2 both factored
+  "lokr-decompose-both": dict(
+    peft_type="LOKR",
+    r=2,
+    alpha=4,
+    decompose_both=True,
+    decompose_factor=8,
+    init_weights=False,
+    target_modules=["k_proj", "up_proj"],
+  ),
+  "lokr-lycoris-patterns": dict(
+    peft_type="LOKR",
+    r=8,
+    alpha=8,
+    init_weights="lycoris",
+    target_modules=ALL,
+    rank_pattern={"down_proj": 2},
+    alpha_pattern={"o_proj": 3},
+  ),
+  # --- miss rows ---
+  "miss": dict(peft_type="MISS", r=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+  # bat: r | in and r | out on q (64x64), v (32x64) and up (128x64); not additive (no unmerge)
+  "miss-bat": dict(peft_type="MISS", r=16, init_weights="bat", target_modules=["q_proj", "v_proj", "up_proj"]),
+  "miss-mini": dict(peft_type="MISS", r=16, mini_r=4, init_weights="mini", target_modules=["q_proj", "up_proj"]),
+  # r = 24 divides neither in = 64 (q) nor 128 (down): the input is zero-padded; init_weights=False: kaiming (r, out)
+  "miss-pad-init-false": dict(peft_type="MISS", r=24, init_weights=False, target_modules=["q_proj", "down_proj"]),
+  # --- end of method rows ---
 }
 
 # Train-mode dropout (tests/test_dropout_parity.py injects jpeft's masks into PEFT; the other tests compare
@@ -129,6 +184,16 @@ def copy_group(peft_type: str, key: str, value):
 # Rows whose merge can be undone from the merged weights alone by subtraction (additive deltas, no full copies):
 # not DoRA, IA3, OFT (multiplicative), nor modules_to_save copies.
 UNMERGEABLE = {
+  # additive methods of issue 10 (helpers: keep only the rows whose method gives a delta())
+  "loha",
+  "loha-patterns",
+  "loha-init-false",
+  "lokr",
+  "lokr-decompose-both",
+  "lokr-lycoris-patterns",
+  "miss",
+  "miss-mini",
+  "miss-pad-init-false",
   "vera",
   "vera-no-projection",
   "fourierft",
@@ -146,5 +211,6 @@ UNMERGEABLE = {
 }
 
 
-# Rows whose adapted modules have no merged weight (Lily routes on the input): merge raises UnmergeableError.
-NO_MERGE = {"lily", "lily-stride"}
+# Rows whose adapted modules have no merged weight (Lily routes on the input; BEFT merges only into a base bias, which
+# the tiny Llama lacks): merge raises UnmergeableError.
+NO_MERGE = {"lily", "lily-stride", "beft", "beft-all-linear"}

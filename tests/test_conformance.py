@@ -155,7 +155,22 @@ def test_dropout_only_in_training(model):
 
 
 @pytest.mark.parametrize(
-  "method", ["lora", "dora", "lora-embedding", "lora-modules-to-save", "ia3", "oft", "vera", "fourierft"]
+  "method",
+  [
+    "lora",
+    "dora",
+    "lora-embedding",
+    "lora-modules-to-save",
+    "ia3",
+    "oft",
+    "vera",
+    "fourierft",
+    "boft",
+    "hra-gs",
+    "loha",
+    "lokr-decompose-both",
+    "miss-bat",
+  ],
 )
 def test_merged_folder_loads_in_transformers(model, method, tmp_path):
   config, _ = model

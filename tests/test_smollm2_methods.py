@@ -25,6 +25,12 @@ EXPERIMENTS = {
   "vera": "vera/smollm2-default",
   "fourierft": "fourierft/smollm2-default",
   "lily": "lily/smollm2-rank168-a2-b2-s2.0",
+  "boft": "boft/smollm2-default",
+  "hra": "hra/smollm2-rank8",
+  "beft": "beft/smollm2-target-v_proj",
+  "loha": "loha/smollm2-rank32",
+  "lokr": "lokr/smollm2-rank32-factor4-lr0.003",
+  "miss": "miss/smollm2-bat",
 }
 # fp32 logits through 30 layers. The bare models agree to 3.5e-6 of the largest logit on these prompts
 # (tests/test_smollm2.py) and LoRA r32 with a small perturbation to 2.8e-6. These adapters change the model far more

@@ -100,6 +100,9 @@ class Method:
     batch_coupled: whether a row's output depends on the other rows of the batch (Lily's router averages over
       every token of the batch): the trainer then adds no filler rows to a short batch and gives the head every
       position, so that the batch is the one PEFT sees.
+    checkpoint_config: ``(config, state, source) -> config``, the config a saved adapter was really made with, read
+      from its tensors (``state``: the file's PEFT keys) before the loader builds its template (BOFT: PEFT without
+      its CUDA extension saves one butterfly factor under a config that asks for more).
     tied_tensors: ``(specs, config) -> {shared name: {module: tensor name}}``, the shared tensors that are tied
       (see above): which modules use each one and under which name. Modules are listed in model order; the first
       is the tensor's owner.
@@ -122,6 +125,7 @@ class Method:
   check_loaded: Callable[..., None] | None = None
   tied_tensors: Callable[..., Mapping[str, Mapping[str, str]]] | None = None
   batch_coupled: bool = False
+  checkpoint_config: Callable[..., Any] | None = None
 
   @property
   def peft_type(self) -> str:

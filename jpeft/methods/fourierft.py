@@ -40,6 +40,7 @@ import numpy as np
 from absl import logging
 from flax import struct
 
+from jpeft.config import check_bias
 from jpeft.config import (
   AdapterCheckpointError,
   FrozenDict,
@@ -50,7 +51,6 @@ from jpeft.config import (
   check_int,
   check_pattern_dict,
   check_regex,
-  show,
 )
 from jpeft.methods.base import Method, ModuleSpec, base_matmul, cached, check_tensor_names, register
 from jpeft.methods.base import add_in_adapter_dtype, merged_plus, unsupported_kind_message
@@ -91,10 +91,7 @@ class FourierFTConfig(PeftConfig):
         f"`random_loc_seed` must be within torch's seed range [-2**63, 2**64 - 1] (PEFT seeds "
         f"torch.Generator().manual_seed with it), got {seed}"
       )
-    if not (self.bias in ("none", "all") or self.bias.endswith("_only")):
-      raise InvalidConfigError(
-        f"Requested bias: {show(self.bias)}, is not implemented (`bias` must be 'none', 'all' or 'fourier_only')."
-      )
+    check_bias(self.bias)
     pattern = check_pattern_dict(
       "n_frequency_pattern", self.n_frequency_pattern, lambda f, v: check_int(f, v, minimum=1, what=" value")
     )

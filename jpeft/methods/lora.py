@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from absl import logging
 from flax import struct
 
+from jpeft.config import check_bias
 from jpeft.config import (
   ConfigTypeError,
   FrozenDict,
@@ -124,10 +125,7 @@ class LoraConfig(PeftConfig):
       raise InvalidConfigError(f"`r` should be a positive integer value but the value passed is {r}")
     _check_finite_number("lora_alpha", self.lora_alpha)
     self._check_dropout()
-    if self.bias not in ("none", "all", "lora_only"):
-      raise InvalidConfigError(
-        f"Requested bias: {_show(self.bias)}, is not implemented (`bias` must be 'none', 'all' or 'lora_only')."
-      )
+    check_bias(self.bias, "lora_only")
     for name in ("rank_pattern", "alpha_pattern"):
       value = getattr(self, name)
       if value is None:

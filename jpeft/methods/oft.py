@@ -43,6 +43,7 @@ import numpy as np
 from absl import logging
 from flax import struct
 
+from jpeft.config import check_bias
 from jpeft.config import (
   AdapterCheckpointError,
   InvalidConfigError,
@@ -50,7 +51,6 @@ from jpeft.config import (
   check_finite_number,
   check_int,
   check_probability,
-  show,
 )
 from jpeft.methods.base import SHARED, Method, ModuleSpec, base_matmul, cached, check_tensor_names, register
 from jpeft.methods.base import unsupported_kind_message
@@ -106,10 +106,7 @@ class OFTConfig(PeftConfig):
         f"`num_cayley_neumann_terms` should be a positive integer with use_cayley_neumann=True but the value "
         f"passed is {self.num_cayley_neumann_terms} (PEFT would silently use R = I: an adapter that cannot train)"
       )
-    if self.bias not in ("none", "all", "oft_only"):
-      raise InvalidConfigError(
-        f"Requested bias: {show(self.bias)}, is not implemented (`bias` must be 'none', 'all' or 'oft_only')."
-      )
+    check_bias(self.bias, "oft_only")
     if self.fan_in_fan_out:  # PEFT resets it for nn.Linear (and drops it for nn.Embedding)
       logging.warning(
         "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
@@ -194,16 +191,23 @@ def coft_project(vec, b: int, eps: float):
   return jnp.where(inside, vec, bound.astype(vec.dtype) * (vec / jnp.where(inside, 1, norm)))
 
 
+def cayley(q):
+  """The exact Cayley transform ``(I − Q)(I + Q)⁻¹`` of a batch ``(..., b, b)`` of skew-symmetric ``Q``, solved in at
+  least fp32 and returned in ``q``'s dtype (also BOFT's)."""
+  eye = jnp.eye(q.shape[-1], dtype=q.dtype)
+  wide = jnp.promote_types(q.dtype, jnp.float32)  # (I − Q)(I + Q)⁻¹ = (I + Q)⁻¹(I − Q): they commute
+  return jnp.linalg.solve((eye + q).astype(wide), (eye - q).astype(wide)).astype(q.dtype)
+
+
 def rotations(vec, b: int, config):
   """The ``(n, b, b)`` rotations of ``oft_R.weight`` rows (after COFT's projection, without gradient through it)."""
   if config.coft:
     # the projected value exactly, with the identity as its gradient (PEFT projects in place under no_grad)
     vec = jax.lax.stop_gradient(coft_project(vec, b, config.eps)) + (vec - jax.lax.stop_gradient(vec))
   q = skew(vec, b)
+  if not config.use_cayley_neumann:
+    return cayley(q)
   eye = jnp.eye(b, dtype=q.dtype)
-  if not config.use_cayley_neumann:  # (I − Q)(I + Q)⁻¹ = (I + Q)⁻¹(I − Q): they commute
-    wide = jnp.promote_types(q.dtype, jnp.float32)
-    return jnp.linalg.solve((eye + q).astype(wide), (eye - q).astype(wide)).astype(q.dtype)
   terms, rot = config.num_cayley_neumann_terms, jnp.broadcast_to(eye, q.shape)
   if terms > 1:
     rot = rot + 2 * q

@@ -36,7 +36,7 @@ from absl import logging
 from flax import struct
 
 from jpeft import config as config_lib
-from jpeft.config import InvalidConfigError, PeftConfig, check_int, check_probability, show
+from jpeft.config import InvalidConfigError, PeftConfig, check_bias, check_int, check_probability
 from jpeft.methods import torch_rng
 from jpeft.methods.base import SHARED, Method, ModuleSpec, add_in_adapter_dtype, base_matmul, cached
 from jpeft.methods.base import check_tensor_names, dropout, merged_plus, register
@@ -78,10 +78,7 @@ class VeraConfig(PeftConfig):
       )
     check_probability("vera_dropout", self.vera_dropout)
     config_lib.check_finite_number("d_initial", self.d_initial)
-    if not (self.bias in ("none", "all") or self.bias.endswith("_only")):
-      raise InvalidConfigError(
-        f"Requested bias: {show(self.bias)}, is not implemented (`bias` must be 'none', 'all' or end in '_only')."
-      )
+    check_bias(self.bias)
     if self.fan_in_fan_out:  # PEFT resets it for nn.Linear targets (every target jpeft has)
       logging.warning(
         "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
