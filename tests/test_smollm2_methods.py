@@ -29,7 +29,7 @@ EXPERIMENTS = {
   "hra": "hra/smollm2-rank8",
   "beft": "beft/smollm2-target-v_proj",
   "loha": "loha/smollm2-rank32",
-  "lokr": "lokr/smollm2-rank32-factor4-lr0.003",
+  "lokr": "lokr/smollm2-rank32-factor4-lr0.03",
   "miss": "miss/smollm2-bat",
 }
 # fp32 logits through 30 layers. The bare models agree to 3.5e-6 of the largest logit on these prompts
