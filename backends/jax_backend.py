@@ -188,7 +188,10 @@ class JaxBackend(Backend):
       return float(loss), {k: np.asarray(v) for k, v in grads.items() if k in shapes}
     frozen = core.frozen_tensors(self.peft_config)
     grads = {m: {t: g for t, g in ts.items() if t not in frozen} for m, ts in grads.items()}
-    return float(loss), {k: np.asarray(v) for k, v in core.to_state_dict(grads, self.params, self.peft_config, embedding_layers=False).items()}
+    return float(loss), {
+      k: np.asarray(v)
+      for k, v in core.to_state_dict(grads, self.params, self.peft_config, embedding_layers=False).items()
+    }
 
   def configure_optimizer(
     self,
