@@ -64,18 +64,7 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared
-  lycoris.check_tensors(spec, tensors, _shapes(spec, config), "LoHa")
-  _, scaling = lycoris.rank_and_scaling(config, spec.name)
-  weight = LoHaWeight(
-    spec.weight,
-    dict(tensors),
-    scaling=scaling,
-    rank_dropout=float(config.rank_dropout),
-    module_dropout=float(config.module_dropout),
-    rescale_rank_dropout=True,
-    rng=rng,
-  )
-  return {"weight": weight}
+  return lycoris.adapt(LoHaWeight, spec, tensors, config, _shapes(spec, config), "LoHa", rng, rescale_rank_dropout=True)
 
 
 def _tensor_axes(tensor: str, kind: str, config):

@@ -131,18 +131,16 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared
-  lycoris.check_tensors(spec, tensors, _shapes(spec, config), "LoKr")
-  _, scaling = lycoris.rank_and_scaling(config, spec.name)
-  weight = LoKrWeight(
-    spec.weight,
-    dict(tensors),
-    scaling=scaling,
-    rank_dropout=float(config.rank_dropout),
-    module_dropout=float(config.module_dropout),
+  return lycoris.adapt(
+    LoKrWeight,
+    spec,
+    tensors,
+    config,
+    _shapes(spec, config),
+    "LoKr",
+    rng,
     rescale_rank_dropout=bool(config.rank_dropout_scale),
-    rng=rng,
   )
-  return {"weight": weight}
 
 
 LOKR = register(

@@ -92,6 +92,33 @@ def check_tensors(spec: ModuleSpec, tensors, shapes: dict, peft_type: str) -> No
       )
 
 
+def adapt(
+  weight_class,
+  spec: ModuleSpec,
+  tensors,
+  config: LycorisConfig,
+  shapes: dict,
+  peft_type: str,
+  rng,
+  *,
+  rescale_rank_dropout: bool,
+) -> dict:
+  """The ``adapt_module`` of a LyCORIS method: tensors checked against ``shapes``, then ``weight_class`` (a
+  :class:`LycorisWeight`) with the module's scaling and the config's dropouts."""
+  check_tensors(spec, tensors, shapes, peft_type)
+  _, scaling = rank_and_scaling(config, spec.name)
+  weight = weight_class(
+    spec.weight,
+    dict(tensors),
+    scaling=scaling,
+    rank_dropout=float(config.rank_dropout),
+    module_dropout=float(config.module_dropout),
+    rescale_rank_dropout=rescale_rank_dropout,
+    rng=rng,
+  )
+  return {"weight": weight}
+
+
 def _uniforms(rng, shape):
   return jax.random.uniform(rng, shape, jnp.float32)
 
