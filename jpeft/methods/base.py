@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Collection, Mapping
 
 import jax
@@ -171,6 +172,20 @@ def unsupported_kind_message(name: str, kind: str, peft_type: str, supported: Co
     f"Currently, only the following modules are supported: "
     f"{', '.join(targets_lib.describe_kind(k) for k in supported)}."
   )
+
+
+def check_kind(spec: ModuleSpec, supported: Collection[str], peft_type: str) -> None:
+  """A target of a kind the method cannot adapt is refused with PEFT's wording (the core checks at targeting time;
+  this guards a module handed over directly)."""
+  if spec.kind not in supported:
+    raise targets_lib.UnsupportedTargetError(unsupported_kind_message(spec.name, spec.kind, peft_type, supported))
+
+
+def kaiming_uniform(key, shape, fan_in: int | None = None):
+  """torch's ``nn.init.kaiming_uniform_(w, a=√5)`` law, ``U(±1/√fan_in)`` in float32 (``fan_in``: ``shape[1]`` of a
+  2-D weight unless given)."""
+  bound = 1.0 / math.sqrt(shape[1] if fan_in is None else fan_in)
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def check_tensor_names(spec: ModuleSpec, tensors: Any, expected: Collection[Collection[str]], peft_type: str) -> None:

@@ -29,9 +29,15 @@ import jax.numpy as jnp
 from flax import struct
 
 from jpeft.config import AdapterCheckpointError, InvalidConfigError, PeftConfig, UnmergeableError
-from jpeft.methods.base import Method, ModuleSpec, add_in_adapter_dtype, base_matmul, check_tensor_names, register
-from jpeft.methods.base import unsupported_kind_message
-from jpeft.targets import UnsupportedTargetError
+from jpeft.methods.base import (
+  check_kind,
+  Method,
+  ModuleSpec,
+  add_in_adapter_dtype,
+  base_matmul,
+  check_tensor_names,
+  register,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,20 +81,15 @@ class BeftWeight:
     )
 
 
-def _check_kind(spec: ModuleSpec) -> None:
-  if spec.kind not in SUPPORTED_KINDS:
-    raise UnsupportedTargetError(unsupported_kind_message(spec.name, spec.kind, "BEFT", SUPPORTED_KINDS))
-
-
 def init_module(key, spec: ModuleSpec, config) -> dict:
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "BEFT")
   shape = (1, int(spec.weight.shape[0]))
   return {"beft_bias": jnp.zeros(shape) if config.init_weights else jax.random.normal(key, shape)}
 
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del config, shared, rng  # no options, no model-level tensors, no dropout
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "BEFT")
   check_tensor_names(spec, tensors, (("beft_bias",),), "BEFT")
   beta, shape = tensors["beft_bias"], (1, int(spec.weight.shape[0]))
   if tuple(beta.shape) != shape:

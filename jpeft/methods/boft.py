@@ -51,10 +51,8 @@ from jpeft.config import (
   show,
 )
 from jpeft.config import type_name
-from jpeft.methods.base import Method, ModuleSpec, base_matmul, cached, check_tensor_names, register
-from jpeft.methods.base import unsupported_kind_message
+from jpeft.methods.base import check_kind, Method, ModuleSpec, base_matmul, cached, check_tensor_names, register
 from jpeft.methods.oft import cayley, rotate_blocks
-from jpeft.targets import UnsupportedTargetError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -241,18 +239,13 @@ class BoftWeight:
 # Method
 
 
-def _check_kind(spec: ModuleSpec) -> None:
-  if spec.kind != "linear":
-    raise UnsupportedTargetError(unsupported_kind_message(spec.name, spec.kind, "BOFT", ("linear",)))
-
-
 def _shapes(spec: ModuleSpec, config) -> dict:
   nb, b = layout(spec.name, spec.weight.shape[1], config)
   return {"boft_R": (config.boft_n_butterfly_factor, nb, b, b), "boft_s": (spec.weight.shape[0], 1)}
 
 
 def init_module(key, spec: ModuleSpec, config) -> dict:
-  _check_kind(spec)
+  check_kind(spec, ("linear",), "BOFT")
   shapes = _shapes(spec, config)
   if config.init_weights:
     return {"boft_R": jnp.zeros(shapes["boft_R"]), "boft_s": jnp.ones(shapes["boft_s"])}
@@ -265,7 +258,7 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared
-  _check_kind(spec)
+  check_kind(spec, ("linear",), "BOFT")
   check_tensor_names(spec, tensors, [("boft_R", "boft_s")], "BOFT")
   for name, shape in _shapes(spec, config).items():
     if tuple(tensors[name].shape) != shape:

@@ -39,9 +39,16 @@ from absl import logging
 from flax import struct
 
 from jpeft.config import AdapterCheckpointError, InvalidConfigError, PeftConfig, check_bias, check_int
-from jpeft.methods.base import SHARED, Method, ModuleSpec, base_matmul, check_tensor_names, register
-from jpeft.methods.base import unsupported_kind_message
-from jpeft.targets import UnsupportedTargetError
+from jpeft.methods.base import (
+  check_kind,
+  kaiming_uniform,
+  SHARED,
+  Method,
+  ModuleSpec,
+  base_matmul,
+  check_tensor_names,
+  register,
+)
 
 # A Gram–Schmidt residual below this fraction of its column's norm leaves the direction q_i to float32 rounding
 # (relative error ~eps32 / ratio > 1e-3): PEFT's untrained paired init gives ~1e-7, independent columns ~1.
@@ -122,19 +129,8 @@ class HraWeight:
 SUPPORTED_KINDS = ("linear",)  # PEFT's HRA wraps nn.Linear and nn.Conv2d, not embeddings nor norms
 
 
-def _check_kind(spec: ModuleSpec) -> None:
-  if spec.kind not in SUPPORTED_KINDS:
-    raise UnsupportedTargetError(unsupported_kind_message(spec.name, spec.kind, "HRA", SUPPORTED_KINDS))
-
-
-def _uniform(key, shape):
-  """torch's ``kaiming_uniform_(a=√5)`` law on a 2-D tensor: ``U(±1/√size(1))``."""
-  bound = 1.0 / np.sqrt(shape[1])
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def init_module(key, spec: ModuleSpec, config) -> dict:
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "HRA")
   in_dim, r = int(spec.weight.shape[1]), config.r
   if config.apply_GS and r > in_dim:
     raise InvalidConfigError(
@@ -142,18 +138,18 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
       f"cannot orthogonalise more than {in_dim} columns (PEFT divides by zero norms and computes NaN or noise)"
     )
   if not config.init_weights:
-    return {"hra_u": _uniform(key, (in_dim, r))}
+    return {"hra_u": kaiming_uniform(key, (in_dim, r))}
   if r % 2:
     logging.warning("The symmetric initialization can NOT be performed when r is odd!")
-    return {"hra_u": _uniform(key, (in_dim, r))}
+    return {"hra_u": kaiming_uniform(key, (in_dim, r))}
   if config.apply_GS:
     logging.warning(
       "HRA apply_GS=True: PEFT's symmetric init (init_weights=True) repeats every column, which Gram-Schmidt "
       "cannot orthogonalise (PEFT 0.21.2 then computes NaN or a random reflection); jpeft draws r independent "
       "columns instead. The adapter is not the identity at init (no Gram-Schmidt HRA can be)."
     )
-    return {"hra_u": _uniform(key, (in_dim, r))}
-  return {"hra_u": jnp.repeat(_uniform(key, (in_dim, r // 2)), 2, axis=1)}
+    return {"hra_u": kaiming_uniform(key, (in_dim, r))}
+  return {"hra_u": jnp.repeat(kaiming_uniform(key, (in_dim, r // 2)), 2, axis=1)}
 
 
 def _checked_u(spec: ModuleSpec, tensors, config):
@@ -169,7 +165,7 @@ def _checked_u(spec: ModuleSpec, tensors, config):
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared, rng  # no model-level tensors, no dropout
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "HRA")
   return {"weight": HraWeight(spec.weight, _checked_u(spec, tensors, config), apply_gs=config.apply_GS)}
 
 

@@ -36,7 +36,7 @@ from flax import struct
 
 from jpeft import targets as targets_lib
 from jpeft.config import AdapterCheckpointError, InvalidConfigError, PeftConfig, check_regex, show
-from jpeft.methods.base import Method, ModuleSpec, base_matmul, check_tensor_names, register, unsupported_kind_message
+from jpeft.methods.base import check_kind, Method, ModuleSpec, base_matmul, check_tensor_names, register
 
 # The architecture whose default feedforward_modules apply when the config has none: jpeft.models implements the
 # Llama family only (``SUPPORTED_MODEL_TYPES``), and PEFT's table gives down_proj for every type jpeft lists.
@@ -123,25 +123,20 @@ def _scaled(x, scale):
   return (x.astype(dt) * scale.astype(dt)).astype(x.dtype)
 
 
-def _check_kind(spec: ModuleSpec) -> None:
-  if spec.kind not in SUPPORTED_KINDS:
-    raise targets_lib.UnsupportedTargetError(unsupported_kind_message(spec.name, spec.kind, "IA3", SUPPORTED_KINDS))
-
-
 def _shape(spec: ModuleSpec, feedforward: bool) -> tuple[int, int]:
   out_dim, in_dim = spec.weight.shape
   return (1, in_dim) if feedforward else (out_dim, 1)
 
 
 def init_module(key, spec: ModuleSpec, config) -> dict:
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "IA3")
   shape = _shape(spec, is_feedforward(config, spec.name))
   return {"ia3_l": jnp.ones(shape) if config.init_ia3_weights else jax.random.normal(key, shape)}
 
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared, rng  # no model-level tensors, no dropout
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "IA3")
   check_tensor_names(spec, tensors, (("ia3_l",),), "IA3")
   ff = is_feedforward(config, spec.name)
   scale, shape = tensors["ia3_l"], _shape(spec, ff)

@@ -37,7 +37,6 @@ Reference: Zhong et al. 2024, "Low-Rank Interconnected Adaptation across Layers"
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import jax
@@ -46,7 +45,7 @@ from flax import struct
 
 from jpeft import targets as targets_lib
 from jpeft.config import InvalidConfigError, PeftConfig, check_finite_number, check_int
-from jpeft.methods.base import Method, ModuleSpec, base_matmul, check_tensor_names, register
+from jpeft.methods.base import kaiming_uniform, Method, ModuleSpec, base_matmul, check_tensor_names, register
 
 _A, _B, _ROUTER = "lily_A.weight", "lily_B.weight", "lily_router.weight"
 
@@ -99,15 +98,10 @@ class LilyWeight:
     return y + ((h @ combined) * self.scaling).astype(y.dtype)  # PEFT casts the branch, then adds
 
 
-def _uniform(key, shape, fan_in: int):
-  bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def init_module(key, spec: ModuleSpec, config: LilyConfig) -> dict:
   """The per-layer tensor: the router (A and B are tied shared tensors, see :func:`init_shared`)."""
   del spec
-  return {_ROUTER: _uniform(key, (config.num_B, config.r), config.r)}
+  return {_ROUTER: kaiming_uniform(key, (config.num_B, config.r), config.r)}
 
 
 def _matched_suffix(name: str, config: LilyConfig) -> str:
@@ -151,11 +145,11 @@ def init_shared(key, specs, config: LilyConfig) -> dict:
     tensor, owner = name.split("@", 1)
     out_features, in_features = specs[owner].weight.shape
     if tensor == _A:
-      out[name] = _uniform(k, (config.r, in_features), in_features)
+      out[name] = kaiming_uniform(k, (config.r, in_features), in_features)
     elif config.init_weights:
       out[name] = jnp.zeros((config.num_B * config.r, out_features), jnp.float32)
     else:
-      out[name] = _uniform(k, (config.num_B * config.r, out_features), out_features)
+      out[name] = kaiming_uniform(k, (config.num_B * config.r, out_features), out_features)
   return out
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jpeft.methods import lycoris
-from jpeft.methods.base import Method, ModuleSpec, register
+from jpeft.methods.base import kaiming_uniform, Method, ModuleSpec, register
 
 _NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -56,7 +56,7 @@ def _shapes(spec: ModuleSpec, config) -> dict:
 def init_module(key, spec: ModuleSpec, config) -> dict:
   shapes = _shapes(spec, config)
   keys = dict(zip(_NAMES, jax.random.split(key, len(_NAMES)), strict=True))
-  tensors = {n: lycoris.kaiming_uniform(keys[n], s) for n, s in shapes.items()}
+  tensors = {n: kaiming_uniform(keys[n], s) for n, s in shapes.items()}
   if config.init_weights:
     tensors["hada_w2_b"] = jnp.zeros(shapes["hada_w2_b"], jnp.float32)
   return tensors

@@ -35,7 +35,7 @@ from flax import struct
 
 from jpeft.config import InvalidConfigError, show
 from jpeft.methods import lycoris
-from jpeft.methods.base import Method, ModuleSpec, cached, register
+from jpeft.methods.base import kaiming_uniform, Method, ModuleSpec, cached, register
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,7 +124,7 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
   zeros = {True: ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b"), False: ()}[config.init_weights]
   keys = jax.random.split(key, len(shapes))
   return {
-    n: jnp.zeros(s, jnp.float32) if n in zeros else lycoris.kaiming_uniform(k, s)
+    n: jnp.zeros(s, jnp.float32) if n in zeros else kaiming_uniform(k, s)
     for k, (n, s) in zip(keys, sorted(shapes.items()), strict=True)
   }
 

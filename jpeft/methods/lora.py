@@ -42,9 +42,8 @@ from jpeft.config import is_not_none as _is_not_none
 from jpeft.config import is_truthy as _is_truthy
 from jpeft.config import show as _show
 from jpeft.config import type_name as _type_name
-from jpeft.methods.base import Method, ModuleSpec, check_tensor_names, register
-from jpeft.methods.base import add_in_adapter_dtype, base_matmul, dropout, merged_plus, unsupported_kind_message
-from jpeft.targets import UnsupportedTargetError
+from jpeft.methods.base import check_kind, kaiming_uniform, Method, ModuleSpec, check_tensor_names, register
+from jpeft.methods.base import add_in_adapter_dtype, base_matmul, dropout, merged_plus
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,18 +335,8 @@ def _rank_and_scaling(config, name: str) -> tuple[int, float]:
   return r, lora_scaling(r, alpha, config.use_rslora)
 
 
-def _uniform(key, shape, fan_in):
-  bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
-def _check_kind(spec: ModuleSpec) -> None:
-  if spec.kind not in SUPPORTED_KINDS:
-    raise UnsupportedTargetError(unsupported_kind_message(spec.name, spec.kind, "LoRA", SUPPORTED_KINDS))
-
-
 def init_module(key, spec: ModuleSpec, config) -> dict:
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "LoRA")
   r, scaling = _rank_and_scaling(config, spec.name)
   init = config.init_lora_weights
   ka, kb = jax.random.split(key)
@@ -368,9 +357,9 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
       f"{out_dim}x{in_dim} weight, which init_lora_weights={init!r} needs (it takes r singular/QR directions of W)"
     )
   if init is True:
-    a, b = _uniform(ka, (r, in_dim), in_dim), jnp.zeros((out_dim, r))
+    a, b = kaiming_uniform(ka, (r, in_dim), in_dim), jnp.zeros((out_dim, r))
   elif init is False:
-    a, b = _uniform(ka, (r, in_dim), in_dim), _uniform(kb, (out_dim, r), r)
+    a, b = kaiming_uniform(ka, (r, in_dim), in_dim), kaiming_uniform(kb, (out_dim, r), r)
   elif init == "gaussian":
     a, b = jax.random.normal(ka, (r, in_dim)) / r, jnp.zeros((out_dim, r))
   elif init == "pissa":
@@ -402,7 +391,7 @@ def prepare_base(spec: ModuleSpec, tensors: dict, config):
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "LoRA")
   check_tensor_names(spec, tensors, _TENSORS[spec.kind], "LoRA")
   _, scaling = _rank_and_scaling(config, spec.name)
   if spec.kind == "embedding":

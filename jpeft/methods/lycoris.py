@@ -24,7 +24,6 @@ for ``nn.Linear`` (jpeft's only target kind; PEFT's LyCORIS layers adapt Linear 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Union
 
 import jax
@@ -73,12 +72,6 @@ def rank_and_scaling(config: LycorisConfig, module_name: str) -> tuple[int, floa
   if r <= 0:  # the config refuses these; a config built around validate() must not divide by them
     raise InvalidConfigError(f"{module_name}: `r` should be a positive integer value but the value passed is {r}")
   return r, alpha / r
-
-
-def kaiming_uniform(key, shape) -> jax.Array:
-  """PEFT's ``nn.init.kaiming_uniform_(w, a=√5)`` law for a 2-D tensor: ``U(±1/√shape[1])`` (fan_in = dim 1)."""
-  bound = 1.0 / math.sqrt(shape[1])
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def check_tensors(spec: ModuleSpec, tensors, shapes: dict, peft_type: str) -> None:

@@ -30,7 +30,6 @@ Reference: Kang & Yin 2024, "MiSS: Balancing LoRA Performance and Efficiency wit
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Union
 
 import jax
@@ -47,7 +46,15 @@ from jpeft.config import (
   check_probability,
   show,
 )
-from jpeft.methods.base import Method, ModuleSpec, add_in_adapter_dtype, base_matmul, check_tensor_names, dropout
+from jpeft.methods.base import (
+  kaiming_uniform,
+  Method,
+  ModuleSpec,
+  add_in_adapter_dtype,
+  base_matmul,
+  check_tensor_names,
+  dropout,
+)
 from jpeft.methods.base import merged_plus, register, unsupported_kind_message
 from jpeft.targets import UnsupportedTargetError
 
@@ -193,8 +200,7 @@ def block_shape(spec: ModuleSpec, config) -> tuple[int, ...]:
 def init_module(key, spec: ModuleSpec, config) -> dict:
   shape = block_shape(spec, config)
   if config.init_weights is False:
-    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=√5) of an (r, out) tensor: fan_in = out
-    return {_TENSOR: jax.random.uniform(key, shape, jnp.float32, -bound, bound)}
+    return {_TENSOR: kaiming_uniform(key, shape)}  # kaiming_uniform_(a=√5) of an (r, out) tensor: fan_in = out
   return {_TENSOR: jnp.zeros(shape, jnp.float32)}
 
 

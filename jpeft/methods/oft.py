@@ -52,9 +52,7 @@ from jpeft.config import (
   check_int,
   check_probability,
 )
-from jpeft.methods.base import SHARED, Method, ModuleSpec, base_matmul, cached, check_tensor_names, register
-from jpeft.methods.base import unsupported_kind_message
-from jpeft.targets import UnsupportedTargetError
+from jpeft.methods.base import check_kind, SHARED, Method, ModuleSpec, base_matmul, cached, check_tensor_names, register
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -254,18 +252,13 @@ class OftWeight:
 # Method
 
 
-def _check_kind(spec: ModuleSpec) -> None:
-  if spec.kind not in SUPPORTED_KINDS:
-    raise UnsupportedTargetError(unsupported_kind_message(spec.name, spec.kind, "OFT", SUPPORTED_KINDS))
-
-
 def _shape(spec: ModuleSpec, config) -> tuple[int, int]:
   nb, b = _layout(spec, config)
   return (1 if config.block_share else nb, b * (b - 1) // 2)
 
 
 def init_module(key, spec: ModuleSpec, config) -> dict:
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "OFT")
   shape = _shape(spec, config)
   value = jnp.zeros(shape) if config.init_weights else 0.1 * jax.random.normal(key, shape)
   return {_TENSOR[spec.kind]: value}
@@ -273,7 +266,7 @@ def init_module(key, spec: ModuleSpec, config) -> dict:
 
 def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   del shared, rng  # module_dropout is a no-op in PEFT 0.21.2 (see the module docstring)
-  _check_kind(spec)
+  check_kind(spec, SUPPORTED_KINDS, "OFT")
   name = _TENSOR[spec.kind]
   check_tensor_names(spec, tensors, [(name,)], "OFT")
   vec, shape = tensors[name], _shape(spec, config)
