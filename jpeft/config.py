@@ -131,6 +131,9 @@ class JpeftError(ValueError):
       ├── jpeft.targets.TargetError     target modules that match nothing, or modules the method cannot adapt
       ├── AdapterCheckpointError        adapter tensors that do not fit the config or the model
       ├── jpeft.models.loading.CheckpointError model weights that do not fit the model config
+      ├── UnmergeableError              a merge of a method whose adapted modules have no merged weight
+      ├── ConversionError               an adapter that cannot become a LoRA (no fixed weight change), a bad request
+      │   └── VllmCompatibilityError    an adapter folder that breaks what vLLM's LoRA loader reads
       └── experiments.common.ExperimentError   an experiment folder, training params or dataset that cannot run
   """
 
@@ -158,6 +161,15 @@ class AdapterCheckpointError(JpeftError):
 class UnmergeableError(JpeftError):
   """``merge`` of a method whose adapted modules have no merged weight (they depend on the input, or add a path
   that is no weight, such as a prompt, or a bias the base model lacks)."""
+
+
+class ConversionError(JpeftError):
+  """An adapter that ``jpeft.convert`` cannot turn into a LoRA (its effect is no fixed weight change, or it changes
+  a bias), or a conversion request that makes no sense (rank and energy both or neither, a rank vLLM refuses)."""
+
+
+class VllmCompatibilityError(ConversionError):
+  """An adapter folder that breaks a rule of what vLLM's LoRA loader reads; the message lists every violation."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

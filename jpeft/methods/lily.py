@@ -86,6 +86,10 @@ class LilyWeight:
   lily_b: jax.Array  # (num_B * r, out)
   router: jax.Array  # (num_B, r)
   scaling: float = struct.field(pytree_node=False)
+  # why no merge (or LoRA conversion) exists, for the errors that refuse one
+  unmergeable_reason = (
+    "its update depends on the input: the router mixes the lily_B experts by a softmax of the batch's hidden states"
+  )
 
   def matmul(self, x, dtype=None):
     dtype = dtype or x.dtype
