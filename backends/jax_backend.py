@@ -98,7 +98,8 @@ class JaxBackend(Backend):
       return
     if self.trainable is None:
       raise RuntimeError("no adapter attached")
-    checkpoint.save_pretrained(folder, self.trainable, self.peft_config, self.params)
+    opt_state = None if self._opt is None else self._opt[1]  # AdaLoRA: the allocator's mask is the rank_pattern
+    checkpoint.save_pretrained(folder, self.trainable, self.peft_config, self.params, opt_state=opt_state)
 
   def load_adapter(self, folder: str, *, is_trainable: bool = True) -> None:
     self._require()

@@ -519,6 +519,7 @@ class TorchBackend(Backend):
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     self._optimizer = optimizer
     self._scheduler = scheduler
+    self._global_step = 0
     self._grad_norm_clip = grad_norm_clip
 
   def current_lr(self) -> list[float]:
@@ -540,6 +541,12 @@ class TorchBackend(Backend):
       torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self._grad_norm_clip)
     self._optimizer.step()
     self._scheduler.step()
+    self._global_step += 1
+    # A tuner that reallocates its ranks after each step (AdaLoRA) does so with this step's gradients, numbered
+    # from 1 as PEFT's method comparison counts its steps.
+    allocate = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
+    if callable(allocate) and self.is_peft:
+      allocate(self._global_step)
     self._optimizer.zero_grad(set_to_none=True)
     return float(loss.detach().cpu().item())
 

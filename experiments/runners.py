@@ -370,7 +370,9 @@ class JaxRunner(Runner):
       checkpoint.save_merged_model(folder, self.trainer.trainable, self.model_config)
       path = os.path.join(folder, "model.safetensors")
       return os.path.getsize(path), False, path
-    path = checkpoint.save_pretrained(folder, self.trainer.trainable, self.jpeft_config, self.trainer.params)
+    path = checkpoint.save_pretrained(
+      folder, self.trainer.trainable, self.jpeft_config, self.trainer.params, opt_state=self.trainer.opt_state
+    )
     return os.path.getsize(path), False, path
 
   def generation_speeds(self, ids, mask, new_tokens) -> dict:

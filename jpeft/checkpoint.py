@@ -27,8 +27,11 @@ def _to_numpy(x) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(jax.device_get(x)))
 
 
-def save_pretrained(folder: str, adapter: core.Adapter, config, params=None) -> str:
+def save_pretrained(folder: str, adapter: core.Adapter, config, params=None, *, opt_state=None) -> str:
   """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's keys, metadata format=pt).
+
+  With ``opt_state`` (the optimizer state the adapter was trained with), the config saved is the one the training
+  made (:func:`jpeft.core.config_after_training`: AdaLoRA's ``rank_pattern``, with the tensors sliced to it).
 
   With ``params``, the base embedding tables are saved too where PEFT saves them (an adapter on
   ``embed_tokens``/``lm_head`` named in ``target_modules``).
@@ -40,6 +43,7 @@ def save_pretrained(folder: str, adapter: core.Adapter, config, params=None) -> 
   folder = os.fspath(folder)
   if os.path.isfile(folder):
     raise config_lib.InvalidConfigError(f"Provided path ({folder}) should be a directory, not a file")
+  config = core.config_after_training(config, opt_state)
   state = _state_to_save(adapter, config, params)
   text = config_lib.config_json(config)
   created = not os.path.isdir(folder)
@@ -91,7 +95,8 @@ def _state_to_save(adapter, config, params) -> dict[str, np.ndarray]:
       if not isinstance(name, str):
         raise core.AdapterCheckpointError(f"adapter entry {module!r}: tensor names are strings, got {name!r}")
   state = {}
-  for key, value in core.to_state_dict(adapter, params, config).items():
+  # What the file holds (AdaLoRA: sliced to rank_pattern's kept ranks; a config with one builds those shapes on load)
+  for key, value in core.to_state_dict(core.export_adapter(adapter, config), params, config).items():
     core.check_tensor(value, key, "adapter to save")
     state[key] = _to_numpy(value)
   return state

@@ -51,6 +51,7 @@ __all__ = [
   "init",
   "merge",
   "project",
+  "regularizer",
   "tied_tensors",
   "to_state_dict",
   "trainable_mask",
@@ -349,6 +350,40 @@ def unmerge(merged, adapter: Adapter, config, *, model_config: LlamaConfig | Non
 
 # ----------------------------------------------------------------------------------------------------------
 # Trainable split and counts
+
+
+def regularizer(adapter: Adapter, config):
+  """The method's term of the training loss (``Method.regularizer``: AdaLoRA's orthogonality penalty), or None."""
+  method = get_method(config.peft_type)
+  return None if method.regularizer is None else method.regularizer(adapter, config)
+
+
+def optimizer_transform(config):
+  """``inner -> GradientTransformation``: the method's wrapper of the optimizer after clipping
+  (``Method.optimizer_transform``: AdaLoRA's rank allocator), or None."""
+  if config is None:
+    return None
+  method = get_method(config.peft_type)
+  if method.optimizer_transform is None:
+    return None
+  return lambda inner: method.optimizer_transform(inner, config)
+
+
+def config_after_training(config, opt_state):
+  """The config to save with an adapter trained with ``opt_state`` (``Method.config_after_training``: AdaLoRA's
+  ``rank_pattern``); ``config`` itself for most methods."""
+  if config is None or opt_state is None:
+    return config
+  method = get_method(config.peft_type)
+  return config if method.config_after_training is None else method.config_after_training(config, opt_state)
+
+
+def export_adapter(adapter: Adapter, config) -> Adapter:
+  """The tensors a checkpoint holds (``Method.export_adapter``: AdaLoRA slices to ``rank_pattern``)."""
+  if config is None:
+    return adapter
+  method = get_method(config.peft_type)
+  return adapter if method.export_adapter is None else method.export_adapter(adapter, config)
 
 
 def batch_coupled(config) -> bool:

@@ -6,6 +6,10 @@
   projected ``g_B ← (1/s²) g_B (A Aᵀ + 1e-8 I)⁺`` before Adam (eps 1e-6).
 * LoRA+ (PEFT's ``create_loraplus_optimizer``): ``lora_B`` and 1-D adapter tensors at ``lr · ratio``,
   embedding LoRA at ``loraplus_lr_embedding``, weight decay ``loraplus_weight_decay`` for all groups.
+
+A method may wrap the transformation after clipping (``Method.optimizer_transform``, read through
+:func:`jpeft.core.optimizer_transform`): AdaLoRA's rank allocator sees the clipped gradients and the updated
+parameters and keeps its state in the optimizer state, so the train step is the same for every method.
 """
 
 from __future__ import annotations
@@ -129,12 +133,14 @@ def make_optimizer(
     total_steps=total_steps,
   )
   labels = _labels(adapter, peft_config, kind) if peft_config is not None else None
+  method_transform = core.optimizer_transform(peft_config)  # AdaLoRA's rank allocator, after the clipped update
+  wrap = method_transform if method_transform is not None else (lambda inner: inner)
 
   if kind == "adamw":
     opt = optax.adamw(sched(lr), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     if labels is not None and any(v == "frozen" for ts in labels.values() for v in ts.values()):
       opt = optax.multi_transform({"default": opt, "frozen": optax.set_to_zero()}, labels)
-    return optax.chain(*clip, opt)
+    return optax.chain(*clip, wrap(opt))
 
   if kind == "lora-fa":
     # PEFT freezes A (no gradient at all), so clipping sees only the other tensors: zero A first.
@@ -146,7 +152,7 @@ def make_optimizer(
       },
       labels,
     )
-    return optax.chain(zero_a, *clip, lorafa_projection(peft_config), adam)
+    return optax.chain(zero_a, *clip, wrap(optax.chain(lorafa_projection(peft_config), adam)))
 
   ratio = loraplus_lr_ratio if loraplus_lr_ratio is not None else 16.0
   groups = {
@@ -155,7 +161,7 @@ def make_optimizer(
     "embedding": optax.adamw(sched(loraplus_lr_embedding), b1=b1, b2=b2, eps=eps, weight_decay=loraplus_weight_decay),
     "frozen": optax.set_to_zero(),
   }
-  return optax.chain(*clip, optax.multi_transform(groups, labels))
+  return optax.chain(*clip, wrap(optax.multi_transform(groups, labels)))
 
 
 def lr_at(opt_kwargs: dict[str, Any], step: int) -> float:

@@ -24,9 +24,20 @@ def make_loss_fn(model_config: LlamaConfig, peft_config=None, *, compute_dtype=N
 
   A batch may carry ``loss_positions`` and ``loss_targets`` (``jpeft.models.loss_positions`` of its labels):
   the head then runs on those positions only, with the same loss and gradients.
+
+  The method's regulariser (:func:`jpeft.core.regularizer`: AdaLoRA's orthogonality penalty) is added to the loss,
+  as PEFT adds it to ``outputs.loss``.
   """
 
   def loss_fn(trainable, params, batch, rng=None):
+    loss, n = data_loss_fn(trainable, params, batch, rng)
+    if peft_config is not None:  # the method's own term (AdaLoRA's orthogonality penalty), as PEFT adds it
+      reg = core.regularizer(trainable, peft_config)
+      if reg is not None:
+        loss = loss + reg.astype(loss.dtype)
+    return loss, n
+
+  def data_loss_fn(trainable, params, batch, rng=None):
     if peft_config is None:
       model_params = trainable
     else:

@@ -133,6 +133,25 @@ METHODS = {
   "miss-mini": dict(peft_type="MISS", r=16, mini_r=4, init_weights="mini", target_modules=["q_proj", "up_proj"]),
   # r = 24 divides neither in = 64 (q) nor 128 (down): the input is zero-padded; init_weights=False: kaiming (r, out)
   "miss-pad-init-false": dict(peft_type="MISS", r=24, init_weights=False, target_modules=["q_proj", "down_proj"]),
+  # --- adalora rows ---
+  # init_lora_weights=False (A, E, B ~ N(0, 1)): with PEFT's default init (E = 0, A, B ~ N(0, 0.02²)) the perturbed
+  # adapter moves the logits by ~1e-4 of their scale (the parity tests want 0.02); lora_alpha 0.05 brings the N(0, 1)
+  # product to the base's scale, orth_reg_weight 0.01 keeps the penalty (‖AAᵀ − I‖_F ~ 150 at that init) near the
+  # data loss. The schedule prunes within the 20 steps of the curves: masks at steps 6, 8, 10, 12, the final budget
+  # (3 per module) at step 14, re-applied at 15-20.
+  "adalora": dict(
+    peft_type="ADALORA",
+    init_r=6,
+    target_r=3,
+    lora_alpha=0.05,
+    init_lora_weights=False,
+    orth_reg_weight=0.01,
+    total_step=20,
+    tinit=4,
+    tfinal=6,
+    deltaT=2,
+    target_modules=["q_proj", "v_proj", "down_proj"],
+  ),
   # --- end of method rows ---
 }
 
@@ -185,6 +204,7 @@ def copy_group(peft_type: str, key: str, value):
 # not DoRA, IA3, OFT (multiplicative), nor modules_to_save copies.
 UNMERGEABLE = {
   # additive methods of issue 10 (helpers: keep only the rows whose method gives a delta())
+  "adalora",
   "loha",
   "loha-patterns",
   "loha-init-false",

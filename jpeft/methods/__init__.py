@@ -4,6 +4,7 @@
 file, which fills it. Look methods up through :mod:`jpeft.registry`.
 """
 
+from jpeft.methods import adalora  # noqa: F401
 from jpeft.methods import base  # noqa: F401
 from jpeft.methods import beft  # noqa: F401
 from jpeft.methods import boft  # noqa: F401
