@@ -72,41 +72,55 @@ def _module_of(key: str) -> str:
   return key[: -len(".weight")]
 
 
+def _float64(tree):
+  return jax.tree_util.tree_map(
+    lambda x: jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
+
+
 def _weight_changes(original: dict, params: dict, adapter: core.Adapter, config, model_config) -> dict[str, np.ndarray]:
-  """``{module: ΔW}`` (float64, the PEFT layout ``(out, in)``; ``(H, V)`` for an embedding) over the adapted modules."""
+  """``{module: ΔW}`` (float64, the PEFT layout ``(out, in)``; ``(H, V)`` for an embedding) over the adapted modules.
+
+  The adapted weights are computed in float64 from the adapted modules' own params: ``W' − W`` of a float32 ``W'``
+  would carry the rounding of ``W'`` (``eps·|W|`` per entry), which swamps a small ΔW (a short or low-lr run)."""
   peft_type = config.peft_type
-  adapted = core.apply(params, core.project(adapter, config), config, model_config=model_config)
-  modules = [k for k, v in adapted.items() if hasattr(v, "matmul") or hasattr(v, "embed")]
+  saved_copies = set(core._modules_to_save(adapter, config))
+  modules = {m for m in adapter if m != core.SHARED and m not in saved_copies}
   if not modules:
     raise ConversionError(
       f"{peft_type} changes no weight of the model (it acts on the inputs or the attention), so there is no weight "
       f"change for a LoRA to carry"
     )
-  for key in modules:
-    entry = adapted[key]
-    if not hasattr(entry, "materialize"):
-      reason = getattr(entry, "unmergeable_reason", None) or f"{type(entry).__name__} has no merged weight"
-      raise ConversionError(
-        f"{peft_type} cannot be converted to LoRA: a LoRA carries one fixed weight change per module, and {peft_type} "
-        f"on {_module_of(key)!r} has none: {reason}"
-      )
-  try:
-    merged = core.merge(params, adapter, config, model_config=model_config)
-  except UnmergeableError as e:
-    raise ConversionError(f"{peft_type} cannot be converted to LoRA: {e}") from e
+  subset = {k: v for k, v in params.items() if k.rsplit(".", 1)[0] in modules}
+  with jax.enable_x64(True):
+    subset64, adapter64 = _float64(subset), _float64({m: adapter[m] for m in adapter if m not in saved_copies})
+    adapted = core.apply(subset64, core.project(adapter64, config), config, model_config=model_config)
+    for key, entry in adapted.items():
+      if (hasattr(entry, "matmul") or hasattr(entry, "embed")) and not hasattr(entry, "materialize"):
+        reason = getattr(entry, "unmergeable_reason", None) or f"{type(entry).__name__} has no merged weight"
+        raise ConversionError(
+          f"{peft_type} cannot be converted to LoRA: a LoRA carries one fixed weight change per module, and "
+          f"{peft_type} on {_module_of(key)!r} has none: {reason}"
+        )
+    try:
+      merged = core.merge(subset64, adapter64, config, model_config=model_config)
+    except UnmergeableError as e:
+      raise ConversionError(f"{peft_type} cannot be converted to LoRA: {e}") from e
+    merged = {k: np.asarray(v, np.float64) for k, v in merged.items() if k in subset}
   for key, value in merged.items():  # a bias change (IA3 on a biased model, BEFT) is not a LoRA
     if key.endswith(".bias") and key in original:
-      if not np.array_equal(np.asarray(value), np.asarray(original[key])):
+      if not np.allclose(value, np.asarray(original[key], np.float64), rtol=0, atol=0):
         raise ConversionError(
           f"{peft_type} changes the bias of {key[: -len('.bias')]!r}; a LoRA with bias='none' (what servers load) "
           f"cannot carry a bias change"
         )
   deltas = {}
-  for key in modules:
-    change = np.asarray(merged[key], np.float64) - np.asarray(base_array(original[key]), np.float64)
-    if core.module_kind(_module_of(key), model_config) == "embedding":
+  for module in modules:
+    key = module + ".weight"
+    change = merged[key] - np.asarray(base_array(original[key]), np.float64)
+    if core.module_kind(module, model_config) == "embedding":
       change = change.T  # LoRA's embedding factors: ΔEᵀ = lora_embedding_B · lora_embedding_A, (H, r) · (r, V)
-    deltas[_module_of(key)] = change
+    deltas[module] = change
   return dict(sorted(deltas.items(), key=lambda kv: core.model_order(kv[0])))
 
 

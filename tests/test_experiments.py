@@ -510,3 +510,31 @@ def test_committed_results_name_no_machine_path():
   with open(os.path.join(results, "README.md")) as f:
     head = f.read(2000)
   assert "`experiments/results`" in head and f"`{ROOT}" not in head
+
+
+def test_a_saved_run_converts_to_lora(assets, tmp_path):
+  """``experiments.run --save_dir`` keeps an adapter that ``jpeft.convert`` takes; converted at its own rank (4) the
+  LoRA answers the test prompts exactly as the trained adapter, at rank 1 its error shows."""
+  from tools.convert_eval import evaluate_conversions, table
+
+  path = str(assets["exps"] / "lora" / "tiny-rank4")
+  runners.run_experiment(
+    path,
+    "jax",
+    overrides=TINY,
+    model=assets["model"],
+    tokenizer=assets["tokenizer"],
+    results_dir=str(tmp_path / "results"),
+    save_dir=str(tmp_path / "saved"),
+    progress=False,
+  )
+  saved = tmp_path / "saved" / "lora--tiny-rank4--jax"
+  assert (saved / "adapter_model.safetensors").is_file()
+  result = evaluate_conversions(
+    path, str(saved), [4, 1], overrides=TINY, model=assets["model"], tokenizer=assets["tokenizer"], progress=False
+  )
+  source, exact, truncated = result["rows"]
+  assert exact["rel_error"] < 1e-6 and exact["predictions"] == source["predictions"]
+  assert exact["test_accuracy"] == source["test_accuracy"]
+  assert truncated["rel_error"] > 0.1 and truncated["lora_parameters"] < exact["lora_parameters"]
+  assert "| 4 |" in table(result)

@@ -110,6 +110,16 @@ class Method:
     check_loaded: ``(adapter, config, specs, source) -> None``, checks of a loaded adapter beyond keys and shapes
       (VeRA: saved projections that must equal those of ``projection_prng_key``); raises
       :class:`jpeft.config.AdapterCheckpointError` naming ``source``.
+    regularizer: ``(adapter, config) -> scalar or None``, a term the training loss adds (AdaLoRA's orthogonality
+      penalty; PEFT adds it to ``outputs.loss`` whenever a loss is computed).
+    optimizer_transform: ``(inner, config) -> optax.GradientTransformation``, wraps the optimizer after gradient
+      clipping (``inner``: the AdamW + schedule transformation) so a method can act on the step's (clipped)
+      gradients and the updated parameters, with its state in the optimizer state (AdaLoRA's rank allocator).
+    config_after_training: ``(config, opt_state) -> config``, the config to save with a trained adapter, read from
+      the optimizer state (AdaLoRA: the allocator's mask becomes ``rank_pattern``).
+    export_adapter: ``(adapter, config) -> adapter``, the tensors a checkpoint holds when they are not the live
+      adapter's (AdaLoRA: sliced to ``rank_pattern``'s kept ranks); a config that says so must make ``init_module``
+      build those shapes, so that loading reads them.
   """
 
   config_class: type
@@ -127,6 +137,10 @@ class Method:
   tied_tensors: Callable[..., Mapping[str, Mapping[str, str]]] | None = None
   batch_coupled: bool = False
   checkpoint_config: Callable[..., Any] | None = None
+  regularizer: Callable[..., Any] | None = None
+  optimizer_transform: Callable[..., Any] | None = None
+  config_after_training: Callable[..., Any] | None = None
+  export_adapter: Callable[..., Any] | None = None
 
   @property
   def peft_type(self) -> str:
@@ -222,8 +236,10 @@ def add_in_adapter_dtype(y, delta):
 
 
 def merged_plus(base, delta):
-  """``W + ΔW`` computed in fp32 and returned in the base dtype."""
-  return (base.astype(jnp.float32) + delta.astype(jnp.float32)).astype(base.dtype)
+  """``W + ΔW`` computed in fp32 (float64 where both are: ``jpeft.convert``'s exact ΔW) and returned in the base
+  dtype."""
+  dtype = jnp.promote_types(jnp.float32, jnp.promote_types(base.dtype, delta.dtype))
+  return (base.astype(dtype) + delta.astype(dtype)).astype(base.dtype)
 
 
 def cached(fn):
