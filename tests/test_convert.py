@@ -54,7 +54,7 @@ LOGIT_REL_RESIDUAL = 256 * EPS32
 PEFT_WRONG = 0.01
 FULL = 128  # at least min(out, in) of every module of the tiny model (embedding: min(256, 64))
 
-# One row per convertible method and the variants that change what ΔW is (multiplicative, residual base,
+# One row per convertible method (every jpeft method but Lily and BEFT) and the variants that change what ΔW is (multiplicative, residual base,
 # embedding, per-module ranks, full copies, partial layers).
 CONVERTIBLE = [
   "lora",
@@ -79,6 +79,7 @@ CONVERTIBLE = [
   "miss",
   "miss-bat",
   "miss-mini",
+  "adalora",
 ]
 # Rows whose method PEFT 0.21.2 converts correctly (supports_lora_conversion and W' = W + get_delta_weight).
 PEFT_CORRECT = ["lora", "loha", "lokr", "vera", "fourierft", "miss", "miss-bat"]
