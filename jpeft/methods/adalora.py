@@ -43,14 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
 
 from jpeft.config import ConfigTypeError, FrozenDict, InvalidConfigError
 from jpeft.config import show as _show
 from jpeft.config import type_name as _type_name
 from jpeft.methods import lora as lora_lib
-from jpeft.methods.base import Method, ModuleSpec, add_in_adapter_dtype, base_matmul, check_kind, dropout, register
-from jpeft.methods.base import check_tensor_names, merged_plus
+from jpeft.methods.base import Method, ModuleSpec, check_kind, check_tensor_names, register
 
 _NAMES = ("lora_A", "lora_E", "lora_B")
 _INIT_STD = 0.02
@@ -151,35 +149,6 @@ def _scaling(config, rank: int) -> float:
   return float(config.lora_alpha) if config.lora_alpha > 0 else float(rank)
 
 
-@struct.dataclass
-class AdaLoraWeight:
-  """A Linear weight with AdaLoRA's SVD-form branch, computed factored."""
-
-  base: jax.Array  # (out, in)
-  lora_a: jax.Array  # (r, in)
-  lora_e: jax.Array  # (r, 1)
-  lora_b: jax.Array  # (out, r)
-  scaling: float = struct.field(pytree_node=False)
-  ranknum: float = struct.field(pytree_node=False)
-  dropout: float = struct.field(pytree_node=False, default=0.0)
-  rng: jax.Array | None = None
-
-  def matmul(self, x, dtype=None):
-    dtype = dtype or x.dtype
-    y = base_matmul(x, self.base, dtype)
-    adt = self.lora_a.dtype
-    xa = dropout(x, self.dropout, self.rng, "lora_dropout").astype(adt)
-    delta = (xa @ (self.lora_a * self.lora_e).T) @ self.lora_b.T * jnp.asarray(self.scaling, adt)
-    return add_in_adapter_dtype(y, delta / jnp.asarray(self.ranknum + _RANKNUM_EPS, adt))
-
-  def delta(self):
-    adt = self.lora_a.dtype
-    return (self.lora_b @ (self.lora_a * self.lora_e) * self.scaling / (self.ranknum + _RANKNUM_EPS)).astype(adt)
-
-  def materialize(self):
-    return merged_plus(self.base, self.delta())
-
-
 def _rank(spec: ModuleSpec, config) -> int:
   mask = kept_ranks(config).get(spec.name)
   return config.init_r if mask is None else int(sum(mask))
@@ -202,13 +171,14 @@ def adapt_module(spec: ModuleSpec, tensors: dict, config, shared, rng) -> dict:
   check_kind(spec, SUPPORTED_KINDS, "AdaLoRA")
   check_tensor_names(spec, tensors, (_NAMES,), "ADALORA")
   r = tensors["lora_A"].shape[0]
-  weight = AdaLoraWeight(
+  ranknum = float(config.init_r) if r > 0 else 0.0
+  # B (A ⊙ E) is a LoRA with A ⊙ E as its A and s / (ranknum + 1e-5) as its scaling: the factored forward, the
+  # additive delta and the merge are LoRA's (the gradient reaches A and E through the product)
+  weight = lora_lib.LoraWeight(
     base=spec.weight,
-    lora_a=tensors["lora_A"],
-    lora_e=tensors["lora_E"],
+    lora_a=tensors["lora_A"] * tensors["lora_E"],
     lora_b=tensors["lora_B"],
-    scaling=_scaling(config, r),
-    ranknum=float(config.init_r) if r > 0 else 0.0,
+    scaling=_scaling(config, r) / (ranknum + _RANKNUM_EPS),
     dropout=config.lora_dropout,
     rng=rng,
   )
