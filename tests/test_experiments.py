@@ -211,7 +211,12 @@ def test_backend_pairs_flags_different_batches():
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_a_learnable_task_is_learned_on_both_backends(assets, tmp_path, backend):
-  """Every answer is 7 (a local JSONL file): 0 steps score 0, 60 LoRA steps score >= 0.75 (measured: 1.0 jax, 0.875 torch)."""
+  """Every answer is 7 (a local JSONL file): 0 steps score 0, 120 LoRA steps score >= 0.75 (measured: 1.0 on both).
+
+  60 steps were enough when this was written (1.0 jax, 0.875 torch); on a fresh install (transformers 5.24, torch
+  2.13) the torch run stops at 0.5 there (half
+  its answers "## 7": the format not yet learned, train loss 1.59 vs jax's 1.49 from another LoRA init), so the
+  budget is doubled rather than the bar lowered."""
   from jpeft.data import make_split
 
   data = tmp_path / "sevens.jsonl"
@@ -219,7 +224,7 @@ def test_a_learnable_task_is_learned_on_both_backends(assets, tmp_path, backend)
     for r in make_split("train", 24, seed=3):
       f.write(json.dumps({"query": r["question"], "response": "#### 7"}) + "\n")
   accuracies = {}
-  for steps in (0, 60):
+  for steps in (0, 120):
     result, _ = runners.run_experiment(
       str(assets["exps"] / "lora" / "tiny-rank4"),
       backend,
@@ -242,7 +247,7 @@ def test_a_learnable_task_is_learned_on_both_backends(assets, tmp_path, backend)
     )
     accuracies[steps] = result["train_info"]["test_accuracy"]
   print(backend, accuracies)
-  assert accuracies[0] == 0.0 and accuracies[60] >= 0.75, accuracies
+  assert accuracies[0] == 0.0 and accuracies[120] >= 0.75, accuracies
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
