@@ -214,9 +214,8 @@ def test_a_learnable_task_is_learned_on_both_backends(assets, tmp_path, backend)
   """Every answer is 7 (a local JSONL file): 0 steps score 0, 120 LoRA steps score >= 0.75 (measured: 1.0 on both).
 
   60 steps were enough when this was written (1.0 jax, 0.875 torch); on a fresh install (transformers 5.24, torch
-  2.13) the torch run stops at 0.5 there (half
-  its answers "## 7": the format not yet learned, train loss 1.59 vs jax's 1.49 from another LoRA init), so the
-  budget is doubled rather than the bar lowered."""
+  2.13) the torch run stops at 0.5 there (half its answers "## 7": the format not yet learned, train loss 1.59 vs
+  jax's 1.49 from another LoRA init), so the budget is doubled rather than the bar lowered."""
   from jpeft.data import make_split
 
   data = tmp_path / "sevens.jsonl"
