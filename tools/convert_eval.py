@@ -119,6 +119,7 @@ def main(argv):
   )
   print(table(result))
   if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
       f.write("\n")
