@@ -612,12 +612,13 @@ class Trainer:
     if not finite:
       manager.wait_until_finished()
       raise NonFiniteLossError(step, float("nan"), manager.latest_step(), log["losses"], what="trainable parameters")
-    meta = dict(log, step=step, fingerprint=self.config.resume_fingerprint())
+    # A deep copy: the write is asynchronous, and the loop goes on appending to the log's lists, so a meta that
+    # shared them could be serialised with the next step's loss beside this step's state (a run resumed one step
+    # late, on the wrong batches and learning rates).
+    meta = _jsonable(dict(log, step=step, fingerprint=self.config.resume_fingerprint()))
     # A snapshot of its own for the asynchronous save: the next train step donates the adapter's and the optimizer
     # state's buffers, and on a CPU a background write from a zero-copy host view of a buffer that the step then
-    # reuses in place would mix two steps. Once, on a loaded machine, a resumed run matched the uninterrupted one
-    # at its first step and differed by 1e-3 from its second on (the optimizer state restored wrong); the copy
-    # rules that cause out. It costs one extra copy of what is saved until the write is done.
+    # reuses in place would mix two steps. It costs one extra copy of what is saved until the write is done.
     snapshot = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, self._arrays()))
     manager.save(
       step,
@@ -642,6 +643,12 @@ class Trainer:
       raise ValueError(
         f"checkpoint {self.config.checkpoint_dir!r} step {step} was written with other training "
         f"params: {[(k, saved[k], now[k]) for k in diff]}; use another checkpoint_dir"
+      )
+    losses = meta.get("losses", [])
+    if len(losses) != step or [m["step"] for m in meta.get("eval_metrics", []) if m["step"] > step]:
+      raise ValueError(
+        f"checkpoint {self.config.checkpoint_dir!r} step {step} is inconsistent: its log holds {len(losses)} "
+        f"losses (expected {step}); it was written by a faulty save, use another checkpoint_dir"
       )
     state = restored["state"]
     self.trainable, self.opt_state = state["trainable"], state["opt_state"]

@@ -314,6 +314,38 @@ def _checkpoints(folder):
   return steps, meta
 
 
+def test_an_asynchronous_save_keeps_the_log_of_its_own_step(tiny, tmp_path):
+  # the loop appends to the log while the write is in flight: the checkpoint must hold the log as it was
+  model_config, params, tok, train, valid, test = tiny
+  cfg = setup.train_config(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+  trainer = Trainer(model_config, params, setup.lora_config(), tok, train, None, None, cfg)
+  log = {"losses": [1.0, 2.0], "eval_metrics": []}
+  manager = trainer._manager()
+  try:
+    trainer._save(manager, 2, log)
+    log["losses"].extend([3.0, 4.0])
+    log["eval_metrics"].append({"step": 4})
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  steps, meta = _checkpoints(tmp_path / "ckpt")
+  assert steps == [2] and meta["losses"] == [1.0, 2.0] and meta["eval_metrics"] == []
+
+
+def test_a_checkpoint_whose_log_does_not_fit_its_step_is_refused(tiny, tmp_path):
+  model_config, params, tok, train, valid, test = tiny
+  cfg = setup.train_config(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2, async_checkpointing=False)
+  trainer = Trainer(model_config, params, setup.lora_config(), tok, train, None, None, cfg)
+  manager = trainer._manager()
+  try:
+    trainer._save(manager, 2, {"losses": [1.0, 2.0, 3.0], "eval_metrics": []})
+  finally:
+    manager.close()
+  trainer = Trainer(model_config, params, setup.lora_config(), tok, train, None, None, cfg)
+  with pytest.raises(ValueError, match=r"step 2 is inconsistent: its log holds 3 losses \(expected 2\)"):
+    trainer.run()
+
+
 def test_nan_loss_from_huge_lr_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   # full fine-tuning at lr=1e30: the first update blows the weights up, the next loss or gradient is NaN
   model_config, params, tok, train, valid, test = tiny
