@@ -28,6 +28,7 @@ COLUMNS = (
   "test acc",
   "valid acc",
   "peak mem (MiB)",
+  "predicted step (MiB)",
   "train time (s)",
   "compile (s)",
   "tokens/s",
@@ -73,6 +74,7 @@ def summarize(result: dict, filename: str = "") -> dict:
     "test_accuracy": test_acc,
     "valid_accuracy": info.get("valid_accuracy", _last(metrics, "valid accuracy")),
     "peak_memory_bytes": info.get("peak_memory_bytes", info.get("accelerator_memory_max")),
+    "predicted_memory_bytes": (info.get("predicted_memory") or {}).get("peak_bytes"),
     "train_time": info.get("train_time"),
     "compile_time": info.get("compile_time"),
     "tokens_per_sec": info.get("tokens_per_sec", _last(metrics, "tokens / sec")),
@@ -124,6 +126,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
       _num(r["test_accuracy"], ".3f"),
       _num(r["valid_accuracy"], ".3f"),
       _num(r["peak_memory_bytes"], ".0f", 2**20),
+      _num(r["predicted_memory_bytes"], ".0f", 2**20),
       _num(r["train_time"], ".1f"),
       _num(r["compile_time"], ".1f"),
       _num(r["tokens_per_sec"], ".0f"),
@@ -347,7 +350,9 @@ def make_report(
     "# Method comparison results",
     "",
     f"{len(rows)} result(s) from `{_shown_path(results_dir)}`. Peak memory: device peak on an accelerator, else the process's "
-    "peak RSS. Train time excludes compilation (jax) and evaluation. Checkpoint size: "
+    "peak RSS. Predicted step (jax): XLA's buffer assignment of the compiled train step at the longest padded "
+    "length, known before the first step (arguments + outputs + temporaries - donated; the process adds its "
+    "runtime, host copies and evaluation). Train time excludes compilation (jax) and evaluation. Checkpoint size: "
     "`adapter_model.safetensors` as saved (`~`: estimated as parameters x bytes, PEFT's rule for full "
     "fine-tuning). Forgetting Δ: mean per-token loss on general text after minus before training. "
     "Generation overhead: base tokens/s divided by the adapted model's, minus one.",

@@ -9,6 +9,11 @@ The result goes to ``<results_dir>/<method>--<name>--<backend>.json`` in PEFT's 
 question/answer fields, an adapter config the backend cannot run, target modules that match no module of the
 model's config or that the method cannot adapt) is found before the model is loaded and printed as one
 ``error: <type>: <message>`` line (exit status 2).
+
+On jax, the compiled train step's memory is predicted before the first step (XLA's buffer assignment at the longest
+padded length) and printed; ``--memory_budget=GiB`` stops a run predicted above it before it trains, and with
+``--fit_memory`` turns on remat, then splits each batch into micro-batches (same effective batch, same loss), until
+the prediction fits.
 """
 
 from __future__ import annotations
@@ -71,6 +76,15 @@ def define_flags() -> None:
   )
   flags.DEFINE_string("checkpoint_dir", None, "jax: orbax checkpoints of the run (resumes from the latest)")
   flags.DEFINE_float("lr", None, "learning rate (replaces optimizer_kwargs['lr'] only)")
+  flags.DEFINE_float(
+    "memory_budget",
+    None,
+    "jax: GiB the compiled train step may take (XLA's prediction, printed before the first step); above it the run "
+    "stops before training unless --fit_memory",
+  )
+  flags.DEFINE_bool(
+    "fit_memory", False, "jax: over --memory_budget, turn on remat, then micro-batches (same effective batch)"
+  )
   flags.DEFINE_bool("progress", True, "show a tqdm progress bar")
   for name, text in _INT_OVERRIDES.items():
     flags.DEFINE_integer(name, None, text)
@@ -138,6 +152,8 @@ def main(argv):
     checkpoint_dir=FLAGS.checkpoint_dir,
     progress=FLAGS.progress,
     lr=FLAGS.lr,
+    memory_budget=FLAGS.memory_budget,
+    fit_memory=FLAGS.fit_memory,
   )
   if outcome is None:
     return status
@@ -149,6 +165,13 @@ def main(argv):
     f"{(info['tokens_per_sec'] or 0):.0f} tokens/s, peak memory {info['peak_memory_bytes'] / 2**20:.0f} MiB, "
     f"forgetting {info['forgetting']['delta']}"
   )
+  predicted = info.get("predicted_memory")
+  if predicted:
+    print(
+      f"memory: predicted train step {predicted['peak_bytes'] / 2**20:.0f} MiB "
+      f"(use_gc={predicted['use_gc']}, accum_steps={predicted['accum_steps']}), "
+      f"measured process peak {info['peak_memory_bytes'] / 2**20:.0f} MiB ({info['peak_memory_kind']})"
+    )
   print(f"result: {path}")
   return 0
 

@@ -211,15 +211,36 @@ def _eval_entry(
 # jax
 
 
+def describe_memory(prediction: dict) -> str:
+  """One line of a ``Trainer.predict_memory`` result."""
+  mib = lambda key: prediction[key] / 2**20  # noqa: E731
+  return (
+    f"predicted train-step memory {mib('peak_bytes'):.0f} MiB at padded length {prediction['padded_length']} "
+    f"(arguments {mib('argument_bytes'):.0f} MiB: base params, adapter, optimizer state, batch; temporaries "
+    f"{mib('temp_bytes'):.0f}; outputs {mib('output_bytes'):.0f}; donated -{mib('alias_bytes'):.0f}; "
+    f"use_gc={prediction['use_gc']}, accum_steps={prediction['accum_steps']})"
+  )
+
+
 class JaxRunner(Runner):
   """jpeft: the adapter config through ``jpeft.config``; training through ``jpeft.trainer.Trainer``."""
 
   name = "jax"
 
-  def __init__(self, *args, checkpoint_dir: str | None = None, **kwargs):
+  def __init__(
+    self,
+    *args,
+    checkpoint_dir: str | None = None,
+    memory_budget: float | None = None,
+    fit_memory: bool = False,
+    **kwargs,
+  ):
     super().__init__(*args, **kwargs)
     self.checkpoint_dir = checkpoint_dir
+    self.memory_budget = memory_budget  # GiB
+    self.fit_memory = fit_memory
     self.jpeft_config = None
+    self.predicted_memory = None
 
   def check_config(self) -> None:
     from jpeft import registry
@@ -274,6 +295,41 @@ class JaxRunner(Runner):
     )
     self.schedule = self.trainer.schedule()
     self._base_count = core_num_params(self.base_params)
+    self.predicted_memory = self._predict_memory()
+
+  def _predict_memory(self) -> dict | None:
+    """The compiled step's memory, printed before the first step; ``memory_budget``/``fit_memory`` act on it."""
+    prediction = self.trainer.predict_memory()
+    if prediction is None:
+      return None
+    print(f"{self.exp.experiment_name} [jax]: {describe_memory(prediction)}", flush=True)
+    out = dict(prediction, budget_bytes=None, tried=None)
+    if self.memory_budget is None:
+      return out
+    budget = int(self.memory_budget * 2**30)
+    out["budget_bytes"] = budget
+    if prediction["peak_bytes"] <= budget:
+      return out
+    over = f"the predicted train step ({prediction['peak_bytes'] / 2**30:.2f} GiB) exceeds --memory_budget={self.memory_budget:g} GiB"
+    if not self.fit_memory:
+      raise common.ExperimentError(f"{over}; pass --fit_memory to turn on remat or micro-batches until it fits")
+    fitted, tried = self.trainer.fit_memory(budget)
+    for t in tried[1:]:
+      print(
+        f"  tried use_gc={t['use_gc']} accum_steps={t['accum_steps']}: {t['peak_bytes'] / 2**30:.3f} GiB", flush=True
+      )
+    if fitted is None:
+      raise common.ExperimentError(
+        f"{over}, and no setting fits (tried remat and up to {tried[-1]['accum_steps']} micro-batches; the smallest "
+        f"is {min(t['peak_bytes'] for t in tried) / 2**30:.2f} GiB)"
+      )
+    print(
+      f"  fits with use_gc={fitted['use_gc']} accum_steps={fitted['accum_steps']} (same effective batch and loss)",
+      flush=True,
+    )
+    return dict(
+      fitted, budget_bytes=budget, tried=[{k: t[k] for k in ("use_gc", "accum_steps", "peak_bytes")} for t in tried]
+    )
 
   def release_base(self) -> None:
     # full fine-tuning trains the trainer's own copy; the loaded weights would only add to the peak memory
@@ -359,6 +415,7 @@ class JaxRunner(Runner):
       "padded_lengths": result["padded_lengths"],
       "resumed_from": result["resumed_from"],
       "schedule_sha256": common.schedule_digest(self.schedule),
+      "predicted_memory": self.predicted_memory,
     }
 
   def save(self, folder):
@@ -484,6 +541,11 @@ class TorchRunner(Runner):
     self.backend = None
 
   def check_config(self) -> None:
+    if self.config.accum_steps != 1:
+      raise common.ExperimentError(
+        f"{self.exp.experiment_name} on torch: accum_steps={self.config.accum_steps} (micro-batches) is a jax "
+        "trainer option; PEFT's training loop has none"
+      )
     attn = self.config.attn_implementation
     if attn not in self.ATTN_IMPLEMENTATIONS:
       raise common.ExperimentError(
@@ -746,6 +808,8 @@ def run_experiment(
   progress: bool = True,
   lr: float | None = None,
   write: bool = True,
+  memory_budget: float | None = None,
+  fit_memory: bool = False,
 ) -> tuple[dict, str | None]:
   """Run one experiment; returns (result dict, path of the written result file or None).
 
@@ -760,6 +824,9 @@ def run_experiment(
     progress: tqdm bars.
     lr: replaces ``optimizer_kwargs["lr"]`` (keeping the other optimizer kwargs).
     write: write the result file.
+    memory_budget: jax only: GiB the compiled train step may take (its prediction, before the first step); a run
+      predicted above it stops before training, unless ``fit_memory``.
+    fit_memory: jax only: over the budget, turn on remat, then micro-batches (same effective batch), until it fits.
   """
   tic = time.perf_counter()
   created = common.now_iso()
@@ -780,7 +847,17 @@ def run_experiment(
   # the adapter config (errors name its file) and its target modules vs the model's config, before any weight loads
   common.check_adapter_targets(exp, model_source, backend)
   runner_cls = get_runner(backend)
-  kwargs = {"checkpoint_dir": checkpoint_dir} if backend == "jax" else {}
+  if backend != "jax" and (memory_budget is not None or fit_memory):
+    raise common.ExperimentError("memory_budget and fit_memory need the jax backend (XLA's prediction of the step)")
+  if fit_memory and memory_budget is None:
+    raise common.ExperimentError("fit_memory needs a memory_budget (GiB)")
+  if memory_budget is not None and not memory_budget > 0:
+    raise common.ExperimentError(f"memory_budget must be a positive number of GiB, got {memory_budget!r}")
+  kwargs = (
+    {"checkpoint_dir": checkpoint_dir, "memory_budget": memory_budget, "fit_memory": fit_memory}
+    if backend == "jax"
+    else {}
+  )
   runner = runner_cls(
     exp, config, model_source=model_source, tokenizer_source=tokenizer or model_source, save_dir=save_dir, **kwargs
   )
@@ -908,6 +985,7 @@ def build_result(
       "padded_lengths": out["padded_lengths"],
       "batch_schedule_sha256": out["schedule_sha256"],
       "resumed_from": out["resumed_from"],
+      "predicted_memory": out.get("predicted_memory"),
       "test_predictions_sample": out["test_predictions"][:3],
     },
     "meta_info": {

@@ -139,6 +139,9 @@ class TrainConfig:
     max_eval_examples, max_test_examples: cap the evaluation sets (None: all).
     use_gc: PEFT's gradient checkpointing: the train step recomputes each decoder layer in the backward pass
       (``jax.checkpoint``, ``make_train_step(..., remat=True)``) instead of keeping its activations.
+    accum_steps: split every batch into this many micro-batches of its rows, computed one after the other
+      (``make_train_step(..., accum_steps=)``): the same loss and update as the whole batch with one micro-batch's
+      activations in memory (dropout then draws per micro-batch). jax only; set by ``fit_memory``.
     use_amp: PEFT's mixed precision: the train step's forward and backward compute in bfloat16 (``AMP_DTYPE``)
       while the adapter (the master copy the optimizer updates), the gradients and the loss stay float32, as
       under ``torch.autocast(dtype=torch.bfloat16)``. Evaluation and generation keep ``compute_dtype`` (PEFT
@@ -180,6 +183,7 @@ class TrainConfig:
   max_eval_examples: int | None = None
   max_test_examples: int | None = None
   use_gc: bool = False
+  accum_steps: int = 1
   use_amp: bool = False
   autocast_adapter_dtype: bool = True
   compile: bool = False
@@ -410,14 +414,9 @@ class Trainer:
     self.optimizer = optim.make_optimizer(trainable, peft_config, **optimizer_kwargs(c))
     # use_amp: the train step alone computes in bfloat16 (PEFT autocasts the train forward, not evaluation)
     self.train_compute_dtype = AMP_DTYPE if c.use_amp else c.compute_dtype
-    step_fn = train_lib.make_train_step(
-      model_config,
-      peft_config,
-      self.optimizer,
-      compute_dtype=self.train_compute_dtype,
-      donate=mesh is None,
-      remat=c.use_gc,
-    )
+    # executables compiled ahead by predict_memory, by batch shape (and the seconds that took)
+    self._aot: dict[tuple[int, bool], Any] = {}
+    self._aot_compile_s = 0.0
     if mesh is None:
       # everything committed to one device, as restored checkpoints are: fresh and resumed runs then
       # lower to the same programs
@@ -425,7 +424,6 @@ class Trainer:
       self.params = jax.device_put(self.params, self.device)
       self.trainable = jax.device_put(trainable, self.device)
       self.opt_state = jax.device_put(jax.jit(self.optimizer.init)(self.trainable), self.device)
-      self.train_step = step_fn
     else:
       self.params = sharding_lib.shard_params(self.params, mesh)
       if peft_config is None:
@@ -438,20 +436,7 @@ class Trainer:
         abstract_opt, self.trainable, self.trainable_shardings, mesh
       )
       self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(self.trainable)
-      params_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
-      repl = sharding_lib.replicated(mesh)
-      self.train_step = jax.jit(
-        step_fn,
-        in_shardings=(
-          self.trainable_shardings,
-          self.opt_shardings,
-          params_shardings,
-          sharding_lib.batch_sharding(mesh),
-          repl,
-        ),
-        out_shardings=(self.trainable_shardings, self.opt_shardings, repl),
-        donate_argnums=(0, 1),
-      )
+    self.train_step = self._build_train_step()
     self.rng = self._place_rng(jax.random.key(c.seed + 1))
 
     # data
@@ -468,6 +453,102 @@ class Trainer:
     )
 
   # -- setup helpers -----------------------------------------------------------------------------------------
+  def _build_train_step(self):
+    c, mesh = self.config, self.mesh
+    step_fn = train_lib.make_train_step(
+      self.model_config,
+      self.peft_config,
+      self.optimizer,
+      compute_dtype=self.train_compute_dtype,
+      donate=mesh is None,
+      remat=c.use_gc,
+      accum_steps=c.accum_steps,
+    )
+    self._aot, self._aot_compile_s = {}, 0.0
+    if mesh is None:
+      return step_fn
+    params_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.params)
+    repl = sharding_lib.replicated(mesh)
+    return jax.jit(
+      step_fn,
+      in_shardings=(
+        self.trainable_shardings,
+        self.opt_shardings,
+        params_shardings,
+        sharding_lib.batch_sharding(mesh),
+        repl,
+      ),
+      out_shardings=(self.trainable_shardings, self.opt_shardings, repl),
+      donate_argnums=(0, 1),
+    )
+
+  def _largest_batch(self):
+    """The schedule's batch with the longest padded length (the step's largest shapes), built as the run builds it."""
+    schedule = self.schedule()
+    if not schedule:
+      return None
+    return self.make_batch(max(schedule, key=self.padded_length))
+
+  def predict_memory(self) -> dict | None:
+    """The compiled train step's memory at the schedule's longest padded length, before any step runs.
+
+    XLA's buffer assignment of the step (``compiled.memory_analysis()``): ``argument_bytes`` (base params, adapter,
+    optimizer state, batch), ``output_bytes``, ``temp_bytes`` (activations kept for the backward pass and every other
+    intermediate) and ``alias_bytes`` (outputs written into donated inputs); ``peak_bytes`` = arguments + outputs +
+    temporaries - aliases is what the step needs on the device at once. The executable is kept and used by
+    :meth:`run` for that shape, so the prediction costs no second compilation. None without a schedule (0 steps).
+    """
+    built = self._largest_batch()
+    if built is None:
+      return None
+    batch, length, _ = built
+    t = time.perf_counter()
+    compiled = self.train_step.lower(self.trainable, self.opt_state, self.params, batch, self.rng).compile()
+    seconds = time.perf_counter() - t
+    self._aot[(length, "loss_positions" in batch)] = compiled
+    self._aot_compile_s += seconds
+    out = train_lib.memory_stats(compiled)
+    out.update(
+      padded_length=length,
+      batch_size=self.config.batch_size,
+      use_gc=self.config.use_gc,
+      accum_steps=self.config.accum_steps,
+      compile_time_s=seconds,
+    )
+    return out
+
+  def fit_memory(self, budget_bytes: int) -> tuple[dict | None, list[dict]]:
+    """Turn on remat (``use_gc``), then split each batch into 2, 4, ... micro-batches, until the predicted step fits
+    ``budget_bytes``; the effective batch, the data order and the loss stay the same.
+
+    Returns ``(the prediction that fits, every prediction tried)``; the first is None when nothing fits (the trainer
+    is then left at the last setting tried). Only settings that fit are worth a run, so each try compiles the step.
+    """
+    tried = []
+    options = [(self.config.use_gc, self.config.accum_steps), (True, self.config.accum_steps)]
+    k = self.config.accum_steps * 2
+    while k <= self.config.batch_size:
+      if self.config.batch_size % k == 0:
+        options.append((True, k))
+      k *= 2
+    seen = set()
+    for use_gc, accum in options:
+      if (use_gc, accum) in seen:
+        continue
+      seen.add((use_gc, accum))
+      if accum > 1 and core.batch_coupled(self.peft_config):
+        break
+      if (use_gc, accum) != (self.config.use_gc, self.config.accum_steps):
+        self.config = dataclasses.replace(self.config, use_gc=use_gc, accum_steps=accum)
+        self.train_step = self._build_train_step()
+      prediction = self.predict_memory()
+      if prediction is None:
+        return None, tried
+      tried.append(prediction)
+      if prediction["peak_bytes"] <= budget_bytes:
+        return prediction, tried
+    return None, tried
+
   def _place_rng(self, key):
     if self.mesh is not None:
       return jax.device_put(key, sharding_lib.replicated(self.mesh))
@@ -682,6 +763,8 @@ class Trainer:
           resumed_from = int(meta["step"])
           log.update({k: meta[k] for k in log if k in meta})
       start = len(log["losses"])
+      log["compile_time_s"] += self._aot_compile_s  # predict_memory's compilation serves this run
+      self._aot_compile_s = 0.0
       elapsed0 = log["elapsed_s"]
       compiled: set[tuple[int, bool]] = set()
       schedule = self.schedule(start)
@@ -691,13 +774,14 @@ class Trainer:
         batch, length, tokens = next_batch
         self.rng, sub = jax.random.split(self.rng)
         t0 = time.perf_counter()
-        self.trainable, self.opt_state, metrics = self.train_step(
-          self.trainable, self.opt_state, self.params, batch, sub
-        )
+        shape = (length, "loss_positions" in batch)
+        step_fn = self._aot.get(shape, self.train_step)
+        self.trainable, self.opt_state, metrics = step_fn(self.trainable, self.opt_state, self.params, batch, sub)
         next_batch = self.make_batch(schedule[i + 1]) if i + 1 < len(schedule) else None
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         dt = time.perf_counter() - t0
-        shape = (length, "loss_positions" in batch)
+        if shape in self._aot and shape not in compiled:
+          compiled.add(shape)  # compiled ahead (predict_memory): this step is a timed one
         if shape in compiled:
           log["train_time_s"] += dt
           log["timed_tokens"] += tokens

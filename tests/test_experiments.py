@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from backends.tiny import TINY_LORA, make_experiment_assets, write_json
-from experiments import common, report, runners
+from experiments import common, report, run, runners
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -116,10 +117,10 @@ def test_tiny_experiment_writes_a_result(assets, lora_results, backend):
   with open(path) as f:
     on_disk = json.load(f)
   _check_schema(on_disk)
-  run, info = on_disk["run_info"], on_disk["train_info"]
-  assert run["experiment_name"] == "lora/tiny-rank4" and run["backend"] == backend
-  assert run["peft_config"]["peft_type"] == "LORA" and run["peft_config"]["r"] == 4
-  assert run["train_config"]["model_id"] == assets["model"]
+  run_info, info = on_disk["run_info"], on_disk["train_info"]
+  assert run_info["experiment_name"] == "lora/tiny-rank4" and run_info["backend"] == backend
+  assert run_info["peft_config"]["peft_type"] == "LORA" and run_info["peft_config"]["r"] == 4
+  assert run_info["train_config"]["model_id"] == assets["model"]
   assert info["status"] == "success"
   # PEFT's metrics: one entry per eval step, then the final test entry
   metrics = info["metrics"]
@@ -142,6 +143,61 @@ def test_tiny_experiment_writes_a_result(assets, lora_results, backend):
   for key in ("base_tokens_per_sec", "unmerged_tokens_per_sec", "merged_tokens_per_sec"):
     assert inference[key] > 0, key
   assert on_disk["meta_info"]["dataset_info"]["train"]["rows"] == TINY["n_train"]
+  predicted = info["predicted_memory"]
+  if backend == "jax":  # XLA's buffer assignment of the step, known before it ran
+    assert predicted["peak_bytes"] > 0 and predicted["padded_length"] == max(info["padded_lengths"])
+    assert (predicted["use_gc"], predicted["accum_steps"], predicted["budget_bytes"]) == (False, 1, None)
+  else:
+    assert predicted is None
+
+
+def test_memory_budget_stops_or_fits_a_run_before_it_trains(assets, lora_results, tmp_path, capsys):
+  predicted = lora_results["jax"][0]["train_info"]["predicted_memory"]
+  budget = (predicted["peak_bytes"] - 1) / 2**30  # one byte under the plain step
+  status, outcome = run.launch(
+    str(assets["exps"] / "lora" / "tiny-rank4"),
+    "jax",
+    overrides=TINY,
+    model=assets["model"],
+    tokenizer=assets["tokenizer"],
+    results_dir=str(tmp_path),
+    progress=False,
+    memory_budget=budget,
+  )
+  err = capsys.readouterr().err
+  assert status == 2 and outcome is None and "exceeds --memory_budget" in err and "--fit_memory" in err
+  # stopped before training: no result, and the cancelled record says why
+  assert os.listdir(tmp_path) == ["cancelled"]
+  with open(tmp_path / "cancelled" / "lora--tiny-rank4--jax.json") as f:
+    cancelled = json.load(f)
+  assert "exceeds --memory_budget" in cancelled["run_info"]["error_msg"]
+  result, _ = runners.run_experiment(
+    str(assets["exps"] / "lora" / "tiny-rank4"),
+    "jax",
+    overrides=TINY,
+    model=assets["model"],
+    tokenizer=assets["tokenizer"],
+    results_dir=str(tmp_path),
+    progress=False,
+    memory_budget=budget,
+    fit_memory=True,
+  )
+  info = result["train_info"]
+  fitted = info["predicted_memory"]
+  assert fitted["peak_bytes"] <= fitted["budget_bytes"] == int(budget * 2**30)
+  assert (fitted["use_gc"], fitted["accum_steps"]) != (False, 1) and len(fitted["tried"]) >= 2
+  assert fitted["tried"][0]["peak_bytes"] == predicted["peak_bytes"]
+  # the same effective batch on the same batches: the losses of the plain run, to float rounding
+  plain = lora_results["jax"][0]["train_info"]["losses"]
+  np.testing.assert_allclose(info["losses"], plain, rtol=1e-4)
+  for kwargs, message in (
+    ({"fit_memory": True}, "fit_memory needs a memory_budget"),
+    ({"memory_budget": -1.0}, "memory_budget must be a positive number"),
+  ):
+    with pytest.raises(common.ExperimentError, match=message):
+      runners.run_experiment(str(assets["exps"] / "lora" / "tiny-rank4"), "jax", overrides=TINY, **kwargs)
+  with pytest.raises(common.ExperimentError, match="need the jax backend"):
+    runners.run_experiment(str(assets["exps"] / "lora" / "tiny-rank4"), "torch", overrides=TINY, memory_budget=1.0)
 
 
 def test_both_backends_see_the_same_batches(lora_results):

@@ -182,6 +182,83 @@ def test_head_on_loss_tokens_trains_the_same(tiny):
   np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_on_loss_tokens", [True, False])
+def test_gradient_accumulation_equals_the_full_batch(tiny, head_on_loss_tokens):
+  """Micro-batches weighted by their share of the loss tokens give the full batch's loss and gradient."""
+  from jpeft import train
+  from jpeft.models import loss_positions
+
+  model_config, params, tok, train_data, _, _ = tiny
+  cfg = setup.train_config(batch_size=4, head_on_loss_tokens=False, max_steps=4)
+  trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data, config=cfg)
+  batch = {k: np.asarray(v) for k, v in trainer.make_batch(trainer.schedule()[0])[0].items()}
+  if head_on_loss_tokens:  # the head on the loss tokens only: the micro-batches split the gathered positions too
+    batch["loss_positions"], batch["loss_targets"] = loss_positions(batch["labels"])
+  adapter = jax.tree_util.tree_map(lambda x: x + 0.05, trainer.trainable)  # non-zero: both factors get gradients
+  grad = train.value_and_grad(train.make_loss_fn(model_config, trainer.peft_config), trainer.peft_config)
+  (full_loss, full_n), full_grads = jax.jit(grad)(adapter, trainer.params, batch)
+  for k in (2, 4):
+    (loss, n), grads = jax.jit(train.accumulate(grad, k))(adapter, trainer.params, batch)
+    assert int(n) == int(full_n)
+    # the same per-token terms summed in another grouping: float32 rounding only
+    assert abs(float(loss) - float(full_loss)) <= 1e-6 * abs(float(full_loss)), (k, float(loss), float(full_loss))
+    for (path, g), f in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(full_grads)):
+      assert_close_to_scale(g, f, 1e-5, what=f"accum {k} gradient {jax.tree_util.keystr(path)}")
+  with pytest.raises(ValueError, match="does not split into 3 equal micro-batches"):
+    train.accumulate(grad, 3)(adapter, trainer.params, batch)
+
+
+def test_accumulated_training_follows_the_full_batch_run(tiny):
+  model_config, params, tok, train_data, _, _ = tiny
+  losses = {}
+  for k in (1, 2):
+    cfg = setup.train_config(batch_size=4, max_steps=4, eval_steps=0, accum_steps=k)
+    trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data, config=cfg)
+    losses[k] = trainer.run()["losses"]
+  # four AdamW steps from the same init on the same batches; the gradients differ by float rounding only
+  np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+
+
+def test_memory_is_predicted_before_the_first_step_and_fitted_to_a_budget(tiny, reference):
+  model_config, params, tok, train_data, valid, test = tiny
+  _, expected, _, _ = reference
+  trainer = Trainer(model_config, params, setup.lora_config(), tok, train_data, valid, test, setup.train_config())
+  prediction = trainer.predict_memory()
+  assert prediction["padded_length"] == max(trainer.padded_length(b) for b in trainer.schedule())
+  base_bytes = sum(np.asarray(v).nbytes for v in jax.tree_util.tree_leaves(trainer.params))
+  assert prediction["argument_bytes"] > base_bytes and prediction["temp_bytes"] > 0
+  assert prediction["peak_bytes"] == (
+    prediction["argument_bytes"] + prediction["output_bytes"] + prediction["temp_bytes"] - prediction["alias_bytes"]
+  )
+  assert prediction["alias_bytes"] > 0  # the adapter and the optimizer state are donated
+  # the executable compiled for the prediction is the one the run uses: the same losses as the reference run
+  result = trainer.run()
+  np.testing.assert_allclose(result["losses"], expected["losses"], rtol=1e-6, atol=0)
+
+  cfg = setup.train_config(batch_size=4, max_steps=4, eval_steps=0)
+  trainer = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data, config=cfg)
+  first = trainer.predict_memory()
+  # a budget just under the plain step: remat, then micro-batches, until the prediction fits
+  fitted, tried = trainer.fit_memory(first["peak_bytes"] - 1)
+  assert tried[0]["peak_bytes"] == first["peak_bytes"] and len(tried) >= 2
+  assert fitted is not None and fitted["peak_bytes"] < first["peak_bytes"] and fitted is tried[-1]
+  assert (
+    (trainer.config.use_gc, trainer.config.accum_steps)
+    == (fitted["use_gc"], fitted["accum_steps"])
+    != (
+      False,
+      1,
+    )
+  )
+  assert all(t["peak_bytes"] > first["peak_bytes"] - 1 for t in tried[:-1])  # it stopped at the first that fits
+  fitted_losses = trainer.run()["losses"]
+  plain = Trainer(model_config, params, setup.lora_config(dropout=0.0), tok, train_data, config=cfg).run()["losses"]
+  np.testing.assert_allclose(fitted_losses, plain, rtol=1e-5)
+  # nothing fits one byte: the answer says so
+  fitted, tried = trainer.fit_memory(1)
+  assert fitted is None and all(t["peak_bytes"] > 1 for t in tried)
+
+
 def test_batch_schedule_is_a_function_of_seed_and_lengths():
   lengths = [5, 9, 3, 7, 1, 8, 2, 4, 6]
   a = batch_schedule(lengths, 2, 12, seed=3, bucket_factor=1)
