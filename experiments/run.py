@@ -83,6 +83,12 @@ def define_flags() -> None:
     "stops before training unless --fit_memory",
   )
   flags.DEFINE_bool(
+    "compilation_cache",
+    True,
+    "jax: keep compiled train steps on disk ($JAX_COMPILATION_CACHE_DIR, else <jpeft cache>/xla), so a second run "
+    "of the same experiment loads them instead of compiling",
+  )
+  flags.DEFINE_bool(
     "fit_memory", False, "jax: over --memory_budget, turn on remat, then micro-batches (same effective batch)"
   )
   flags.DEFINE_bool("progress", True, "show a tqdm progress bar")
@@ -141,6 +147,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.experiment:
     raise app.UsageError("--experiment=experiments/<method>/<name> is required")
+  if FLAGS.backend == "jax" and FLAGS.compilation_cache:
+    from jpeft.trainer import enable_compilation_cache
+
+    enable_compilation_cache()
   status, outcome = launch(
     FLAGS.experiment,
     FLAGS.backend,

@@ -85,6 +85,23 @@ _RESUME_FIELDS = (
 )
 
 
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Keep XLA's compiled executables on disk (jax's persistent compilation cache), so that a second run of the same
+  experiment loads its train step instead of compiling it again. Returns the folder: ``path``, else
+  ``$JAX_COMPILATION_CACHE_DIR``, else ``<jpeft cache>/xla`` (``$JPEFT_CACHE``, default ``~/.cache/jpeft``).
+
+  Every executable is kept, however quickly it compiled (jax's default keeps only those over a second).
+  """
+  from jpeft.models.loading import cache_dir
+
+  path = path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_dir(), "xla")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss (or gradient norm) became NaN/inf; the state of that step was not saved."""
 

@@ -516,3 +516,20 @@ def test_batch_coupled_method_sees_the_batch_peft_sees(tiny, monkeypatch):
   assert len(trainer.generate_texts(queries)) == 3 and rows == [2, 1]
   rows.clear()
   assert len(lora.generate_texts(queries)) == 3 and rows == [2, 2]
+
+
+def test_compilation_cache_keeps_executables_for_the_next_run(tmp_path):
+  code = (
+    "import jax, jax.numpy as jnp\n"
+    "from jpeft.trainer import enable_compilation_cache\n"
+    "print(enable_compilation_cache())\n"
+    "print(float(jax.jit(lambda x: jnp.tanh(x @ x).sum())(jnp.ones((8, 8)))))\n"
+  )
+  env = dict(os.environ, JPEFT_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  folder = out.stdout.split("\n")[0]
+  assert folder == str(tmp_path / "cache" / "xla")
+  # a millisecond compile is kept too (jax's default keeps only those over a second)
+  assert os.listdir(folder), "no executable was written"
