@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 
@@ -17,6 +18,16 @@ from jpeft.models import forward, load_model
 from jpeft.models.llama import param_shapes
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+@functools.partial(jax.jit, static_argnames=("peft_config", "config", "compute_dtype"))
+def _adapted_logits(params, trainable, input_ids, attention_mask, *, peft_config, config, compute_dtype):
+  """The model's logits under its adapter, in one compiled program (one compile per config and batch shape)."""
+  if peft_config is not None and trainable is not None:
+    params = core.apply(params, trainable, peft_config, model_config=config)
+  elif trainable is not None:  # full fine-tuning: the trained copy is the model
+    params = trainable
+  return forward(params, config, input_ids, attention_mask, compute_dtype=compute_dtype)
 
 
 class JaxBackend(Backend):
@@ -38,6 +49,7 @@ class JaxBackend(Backend):
     self._rng = jax.random.key(0)
     self.gradient_checkpointing = False  # set_training_options: the train step rematerialises each layer
     self.amp = False  # set_training_options: the train step computes in bfloat16
+    self._grad_fns = {}  # loss_and_grads' jitted functions by (model, method, compute dtype, remat)
 
   # -- model and adapter ---------------------------------------------------------------------------------
   def load_base(self, source: str, *, dtype: str = "float32", attn_implementation: str | None = None) -> None:
@@ -123,13 +135,14 @@ class JaxBackend(Backend):
 
   def logits(self, input_ids, attention_mask) -> np.ndarray:
     self._require()
-    fn = jax.jit(forward, static_argnames=("config", "compute_dtype"))
     return np.asarray(
-      fn(
-        self._model_params(),
+      _adapted_logits(
+        self.params,
+        self.trainable,
+        jnp.asarray(input_ids),
+        jnp.asarray(attention_mask),
+        peft_config=None if self.full else self.peft_config,
         config=self.model_config,
-        input_ids=jnp.asarray(input_ids),
-        attention_mask=jnp.asarray(attention_mask),
         compute_dtype=self.compute_dtype,
       )
     )
@@ -175,12 +188,13 @@ class JaxBackend(Backend):
   def loss_and_grads(self, input_ids, attention_mask, labels):
     if self.trainable is None:
       raise RuntimeError("no adapter attached")
-    grad_fn = train.make_grad_fn(
-      self.model_config,
-      self.peft_config,
-      compute_dtype=self._train_compute_dtype(),
-      remat=self.gradient_checkpointing,
-    )
+    # one jitted function per setting, kept: a new closure per call would trace and compile again every time
+    key = (self.model_config, self.peft_config, self._train_compute_dtype(), self.gradient_checkpointing)
+    grad_fn = self._grad_fns.get(key)
+    if grad_fn is None:
+      grad_fn = self._grad_fns[key] = train.make_grad_fn(
+        self.model_config, self.peft_config, compute_dtype=key[2], remat=key[3]
+      )
     loss, grads = grad_fn(
       self.trainable, self.params, self._batch(input_ids, attention_mask, labels), self._dropout_rng()
     )
