@@ -1,4 +1,4 @@
-"""Shared fixtures for parity tests: tiny random Llama checkpoints, batches, embedded models."""
+"""Shared fixtures for parity tests: tiny random checkpoints of each model family, batches, embedded models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,49 @@ import os
 import numpy as np
 
 
-def make_tiny_llama(
+# Per family: the transformers config and model classes, and the tiny config's own fields beyond the shared ones.
+# The sliding windows (6) are shorter than the test sequences; Gemma 2's soft-caps are small enough to bend the
+# random model's scores and logits (the real 50 / 30 would leave them linear); query_pre_attn_scalar differs from
+# head_dim so that the scale is checked.
+TINY_FAMILIES = {
+  "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+  "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 6}),
+  "gemma2": (
+    "Gemma2Config",
+    "Gemma2ForCausalLM",
+    {
+      "head_dim": 16,
+      "query_pre_attn_scalar": 24,
+      "sliding_window": 6,
+      "attn_logit_softcapping": 2.0,
+      "final_logit_softcapping": 4.0,
+      "layer_types": ["sliding_attention", "full_attention"],
+    },
+  ),
+  "gemma3_text": (
+    "Gemma3TextConfig",
+    "Gemma3ForCausalLM",
+    {
+      "head_dim": 16,
+      "query_pre_attn_scalar": 24,
+      "sliding_window": 6,
+      "layer_types": ["sliding_attention", "full_attention"],
+      "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+      },
+    },
+  ),
+}
+# Gemma's RMSNorm scales by (1 + w): its weights are drawn around 0, the others' around 1.
+_ZERO_CENTERED_NORMS = ("gemma2", "gemma3_text")
+
+
+def make_tiny_model(
   folder: str,
+  model_type: str = "llama",
   *,
   seed: int = 0,
   tie_word_embeddings: bool = False,
@@ -19,32 +60,39 @@ def make_tiny_llama(
   intermediate_size: int = 128,
   num_hidden_layers: int = 2,
   num_attention_heads: int = 4,
-  attention_bias: bool = False,
-  mlp_bias: bool = False,
   max_position_embeddings: int = 64,
   rope_theta: float = 10000.0,
   initializer_range: float = 0.2,
+  **family_fields,
 ) -> str:
-  """Save a random fp32 ``LlamaForCausalLM`` (safetensors) into ``folder`` and return ``folder``.
+  """Save a random fp32 causal LM of the family ``model_type`` (a key of :data:`TINY_FAMILIES`) into ``folder``
+  (safetensors) and return ``folder``.
 
-  Weights are drawn with a larger std than Hugging Face's default so that logits are far from
-  zero; RMSNorm weights are ``1 + 0.1 * N(0, 1)`` and biases ``0.1 * N(0, 1)`` so that a backend
-  that drops them is caught. ``rope_scaling`` takes a transformers rope dict such as
-  ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-  "original_max_position_embeddings": 16}``; it is stored as transformers 5's ``rope_parameters``
-  together with ``rope_theta``.
+  Weights are drawn with a larger std than Hugging Face's default so that logits are far from zero; RMSNorm
+  weights are ``1 + 0.1 * N(0, 1)`` (``0.1 * N(0, 1)`` for Gemma's ``1 + w`` norms) and biases ``0.1 * N(0, 1)``
+  so that a backend that drops them is caught. ``family_fields`` go to the transformers config over the family's
+  tiny defaults (e.g. ``sliding_window``, ``attention_bias``, ``layer_types``). ``rope_scaling`` takes a
+  transformers rope dict such as ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}``; it is stored as transformers 5's
+  ``rope_parameters`` together with ``rope_theta``.
   """
   import torch
-  from transformers import LlamaConfig, LlamaForCausalLM
+  import transformers
 
-  rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
-  if rope_scaling is not None:
-    rope_parameters = dict(rope_scaling)
-    if "type" in rope_parameters and "rope_type" not in rope_parameters:
-      rope_parameters["rope_type"] = rope_parameters.pop("type")
-    rope_parameters.setdefault("rope_theta", float(rope_theta))
+  if model_type not in TINY_FAMILIES:
+    raise ValueError(f"no tiny config for model_type={model_type!r}; known: {sorted(TINY_FAMILIES)}")
+  config_name, model_name, defaults = TINY_FAMILIES[model_type]
+  fields = {**defaults, **family_fields}
+  if "rope_parameters" not in fields:
+    rope_parameters = {"rope_type": "default", "rope_theta": float(rope_theta)}
+    if rope_scaling is not None:
+      rope_parameters = dict(rope_scaling)
+      if "type" in rope_parameters and "rope_type" not in rope_parameters:
+        rope_parameters["rope_type"] = rope_parameters.pop("type")
+      rope_parameters.setdefault("rope_theta", float(rope_theta))
+    fields["rope_parameters"] = rope_parameters
 
-  config = LlamaConfig(
+  config = getattr(transformers, config_name)(
     vocab_size=vocab_size,
     hidden_size=hidden_size,
     intermediate_size=intermediate_size,
@@ -54,26 +102,36 @@ def make_tiny_llama(
     max_position_embeddings=max_position_embeddings,
     initializer_range=initializer_range,
     tie_word_embeddings=tie_word_embeddings,
-    attention_bias=attention_bias,
-    mlp_bias=mlp_bias,
-    rope_parameters=rope_parameters,
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=None,
     dtype="float32",
+    **fields,
   )
   torch.manual_seed(seed)
-  model = LlamaForCausalLM(config).to(torch.float32)
+  model = getattr(transformers, model_name)(config).to(torch.float32)
   generator = torch.Generator().manual_seed(seed + 1)
+  norm_center = 0.0 if model_type in _ZERO_CENTERED_NORMS else 1.0
   with torch.no_grad():
     for name, param in model.named_parameters():
       if name.endswith("norm.weight"):
-        param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+        param.copy_(norm_center + 0.1 * torch.randn(param.shape, generator=generator))
       elif name.endswith(".bias"):
         param.copy_(0.1 * torch.randn(param.shape, generator=generator))
   os.makedirs(folder, exist_ok=True)
   model.save_pretrained(folder, safe_serialization=True)
   return folder
+
+
+def make_tiny_llama(
+  folder: str,
+  *,
+  attention_bias: bool = False,
+  mlp_bias: bool = False,
+  **kwargs,
+) -> str:
+  """A tiny random ``LlamaForCausalLM`` (:func:`make_tiny_model` with ``model_type="llama"``)."""
+  return make_tiny_model(folder, "llama", attention_bias=attention_bias, mlp_bias=mlp_bias, **kwargs)
 
 
 def make_batch(

@@ -17,7 +17,7 @@ import numpy as np
 
 from jpeft import config as config_lib
 from jpeft import core, registry
-from jpeft.models.llama import LlamaConfig, param_shapes
+from jpeft.models.llama import LlamaConfig, hf_config_fields, param_shapes
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -181,11 +181,9 @@ def load_pretrained(folder: str, params, model_config: LlamaConfig, *, key=None)
 
 
 def hf_config_dict(model_config: LlamaConfig) -> dict:
-  """A transformers ``config.json`` for this Llama."""
+  """A transformers ``config.json`` for this model (its own family's ``model_type`` and fields)."""
   c = model_config
   d = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
     "vocab_size": c.vocab_size,
     "hidden_size": c.hidden_size,
     "intermediate_size": c.intermediate_size,
@@ -209,6 +207,8 @@ def hf_config_dict(model_config: LlamaConfig) -> dict:
     rope.update(dict(c.rope_scaling))
   d["rope_parameters"] = rope
   d["rope_scaling"] = rope
+  fields, drop = hf_config_fields(c)  # architectures, model_type and the family's own fields
+  d = {k: v for k, v in {**fields, **d, **fields}.items() if k not in drop}
   return d
 
 

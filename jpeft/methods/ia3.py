@@ -38,8 +38,9 @@ from jpeft import targets as targets_lib
 from jpeft.config import AdapterCheckpointError, InvalidConfigError, PeftConfig, check_regex, show
 from jpeft.methods.base import check_kind, Method, ModuleSpec, base_matmul, check_tensor_names, register
 
-# The architecture whose default feedforward_modules apply when the config has none: jpeft.models implements the
-# Llama family only (``SUPPORTED_MODEL_TYPES``), and PEFT's table gives down_proj for every type jpeft lists.
+# The architecture whose default feedforward_modules apply when the config has none. PEFT's table gives the same
+# (down_proj) for every family jpeft.models implements (``SUPPORTED_MODEL_TYPES``: Llama, Qwen2, Qwen3, Mistral,
+# Gemma 2, Gemma 3 text), so one entry serves them all (tests/test_families.py checks the defaults per family).
 _MODEL_TYPE = "llama"
 
 

@@ -1,4 +1,5 @@
-"""Model families. Today: Llama (Llama 2/3/3.1/3.2, SmolLM)."""
+"""Model families: Llama (Llama 2/3/3.1/3.2, SmolLM), Qwen2/Qwen2.5, Qwen3, Mistral, Gemma 2, Gemma 3 (text), one decoder
+(``jpeft.models.llama``; ``FAMILIES`` there lists what each family changes)."""
 
 from jpeft.models.llama import (
   KVCache,

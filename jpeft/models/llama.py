@@ -1,4 +1,11 @@
-"""The Llama family (Llama 2, 3, 3.1, 3.2, SmolLM) as a pure function of a flat, Hugging Face-named param dict.
+"""The decoder-only families jpeft runs -- Llama (Llama 2, 3, 3.1, 3.2, SmolLM), Qwen2/Qwen2.5, Qwen3, Mistral,
+Gemma 2 and Gemma 3 (text) -- as one pure function of a flat, Hugging Face-named param dict.
+
+A family is :class:`LlamaConfig` plus the fields where it differs from Llama (``FAMILIES`` lists them): q/k/v biases
+(Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), sliding-window layers (Mistral; Qwen when enabled; Gemma's
+alternating ``layer_types``), Gemma's ``(1 + w)`` RMSNorm, scaled embeddings, gelu-tanh MLP, sandwich norms,
+``query_pre_attn_scalar``, attention and final logit soft-capping, and Gemma 3's local RoPE base. ``model_type``
+names the family; every default is Llama's.
 
 Params are ``{"model.layers.0.self_attn.q_proj.weight": (out, in) array, ...}`` -- Hugging Face's own
 names and layouts, so PEFT's module names, key names and targeting rules apply to them unchanged. A weight
@@ -26,7 +33,10 @@ Params = Mapping[str, Any]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-  """Hashable Llama hyper-parameters (a jit static argument). Built from a transformers config."""
+  """Hashable decoder hyper-parameters (a jit static argument), built from a transformers config by :meth:`from_hf`.
+
+  The fields after ``model_type`` are where the other families differ from Llama; their defaults are Llama's.
+  """
 
   vocab_size: int
   hidden_size: int
@@ -40,31 +50,61 @@ class LlamaConfig:
   rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the rope parameters dict
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
-  attention_bias: bool = False
+  attention_bias: bool = False  # biases on q, k, v and o
   mlp_bias: bool = False
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
   model_type: str = "llama"
+  # -- where the other families differ (defaults: Llama) --
+  qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
+  qk_norm: bool = False  # RMSNorm over head_dim on each head of q and k, before RoPE (Qwen3, Gemma 3)
+  hidden_act: str = "silu"  # the MLP's gate activation: silu or gelu_pytorch_tanh (Gemma)
+  norm_offset: bool = False  # Gemma's RMSNorm: x̂ · (1 + w), scaled in float32 before the cast back
+  scale_embeddings: bool = False  # Gemma: embeddings × sqrt(hidden_size), the factor in the embedding's dtype
+  sandwich_norms: bool = False  # Gemma 2/3: post-attention norm on the attention output, pre/post feed-forward norms
+  query_pre_attn_scalar: int | float | None = (
+    None  # attention scale query_pre_attn_scalar^-0.5 instead of head_dim^-0.5
+  )
+  attn_logit_softcapping: float | None = None  # scores -> cap · tanh(scores / cap) before the mask (Gemma 2)
+  final_logit_softcapping: float | None = None  # logits -> cap · tanh(logits / cap) (Gemma 2)
+  sliding_window: int | None = None  # a sliding layer's token attends to the last `sliding_window` positions only
+  layer_types: tuple[str, ...] | None = None  # per layer "full_attention" / "sliding_attention"; None: all full
+  rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3's rope_local_base_freq)
 
   @classmethod
   def from_hf(cls, hf_config) -> "LlamaConfig":
-    """From a ``transformers.LlamaConfig`` (or any config object/dict with Llama's fields)."""
+    """From a transformers config of a supported family (``LlamaConfig``, ``Qwen2Config``, ..., ``Gemma3TextConfig``)
+    or its ``config.json`` dict. A dict of another family than Llama goes through transformers' own config class
+    first, so its defaults and derived fields (``layer_types``) are transformers'."""
+    if isinstance(hf_config, dict):
+      model_type = hf_config.get("model_type", "llama")
+      _check_model_type(model_type)
+      if model_type != "llama":
+        import transformers
+
+        fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+        hf_config = transformers.AutoConfig.for_model(model_type, **fields)
     get = (
       (lambda k, d=None: hf_config.get(k, d))
       if isinstance(hf_config, dict)
       else (lambda k, d=None: getattr(hf_config, k, d))
     )
     model_type = get("model_type", "llama")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
-        f"unsupported architecture model_type={model_type!r}: jpeft.models supports {sorted(SUPPORTED_MODEL_TYPES)}"
-      )
-    act = get("hidden_act", "silu")
-    if act != "silu":
-      raise ValueError(f"unsupported hidden_act={act!r} for Llama (expected 'silu')")
+    _check_model_type(model_type)
+    family = FAMILIES[model_type]
+    act = get(family.act_field, "silu")
+    if act != family.activation:
+      raise ValueError(f"unsupported {family.act_field}={act!r} for {model_type} (expected {family.activation!r})")
     rope = get("rope_parameters") or get("rope_scaling") or {}
     rope = dict(rope)
+    local_theta = None
+    if family.local_rope:  # Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}
+      local = dict(rope.get("sliding_attention") or {})
+      if local.get("rope_type", "default") != "default":
+        raise ValueError(f"unsupported rope_type={local['rope_type']!r} for the sliding layers; supported: default")
+      local_theta = float(local.get("rope_theta", get("rope_local_base_freq", 10000.0)))
+      rope = dict(rope.get("full_attention") or {})
     rope_theta = float(rope.get("rope_theta", get("rope_theta", 10000.0) or 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3", "linear"):
@@ -74,15 +114,19 @@ class LlamaConfig:
       keep = {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
       keep["rope_type"] = rope_type
       scaling = tuple(sorted((k, v) for k, v in keep.items() if not isinstance(v, (list, dict))))
+    if get("use_bidirectional_attention", False):
+      raise ValueError(f"use_bidirectional_attention=True is not supported for {model_type}")
     heads = get("num_attention_heads")
+    layers = get("num_hidden_layers")
     eos = get("eos_token_id")
     if isinstance(eos, list):
       eos = tuple(eos)
+    sliding_window, layer_types = family.sliding(get, layers)
     return cls(
       vocab_size=get("vocab_size"),
       hidden_size=get("hidden_size"),
       intermediate_size=get("intermediate_size"),
-      num_hidden_layers=get("num_hidden_layers"),
+      num_hidden_layers=layers,
       num_attention_heads=heads,
       num_key_value_heads=get("num_key_value_heads") or heads,
       head_dim=get("head_dim") or get("hidden_size") // heads,
@@ -91,12 +135,24 @@ class LlamaConfig:
       rope_scaling=scaling,
       max_position_embeddings=get("max_position_embeddings", 2048),
       tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-      attention_bias=bool(get("attention_bias", False)),
-      mlp_bias=bool(get("mlp_bias", False)),
+      attention_bias=bool(get("attention_bias", False)) if family.attention_bias_field else False,
+      mlp_bias=bool(get("mlp_bias", False)) if family.mlp_bias_field else False,
       bos_token_id=get("bos_token_id"),
       eos_token_id=eos,
       pad_token_id=get("pad_token_id"),
       model_type=model_type,
+      qkv_bias=family.qkv_bias,
+      qk_norm=family.qk_norm,
+      hidden_act=act,
+      norm_offset=family.gemma,
+      scale_embeddings=family.gemma,
+      sandwich_norms=family.gemma,
+      query_pre_attn_scalar=get("query_pre_attn_scalar") if family.gemma else None,  # as given (an int in HF)
+      attn_logit_softcapping=_optional_float(get("attn_logit_softcapping")) if family.gemma else None,
+      final_logit_softcapping=_optional_float(get("final_logit_softcapping")) if family.gemma else None,
+      sliding_window=sliding_window,
+      layer_types=layer_types,
+      rope_local_theta=local_theta,
     )
 
   @property
@@ -105,8 +161,129 @@ class LlamaConfig:
       return ()
     return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
+  def is_sliding(self, layer: int) -> bool:
+    """Whether layer ``layer`` attends through the sliding window."""
+    return (
+      self.sliding_window is not None
+      and self.layer_types is not None
+      and self.layer_types[layer] == "sliding_attention"
+    )
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama"})
+
+def _optional_float(value) -> float | None:
+  return None if value is None else float(value)
+
+
+def _layer_types_of(get) -> tuple[str, ...] | None:
+  types = get("layer_types")
+  return None if types is None else tuple(types)
+
+
+def _no_sliding(get, layers):
+  return None, None
+
+
+def _qwen_sliding(get, layers):
+  """Qwen2/Qwen3: the window only with ``use_sliding_window``, on the layers ``layer_types`` marks."""
+  window = get("sliding_window") if get("use_sliding_window", False) else None
+  if window is None:
+    return None, None
+  return int(window), _layer_types_of(get)
+
+
+def _mistral_sliding(get, layers):
+  """Mistral: every layer slides when ``sliding_window`` is set (transformers' MistralConfig has no layer_types)."""
+  window = get("sliding_window")
+  return (None, None) if window is None else (int(window), ("sliding_attention",) * layers)
+
+
+def _gemma_sliding(get, layers):
+  """Gemma 2/3: the layers ``layer_types`` marks (transformers derives it: every other layer / 5 of 6)."""
+  window = get("sliding_window")
+  return (None, None) if window is None else (int(window), _layer_types_of(get))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What :meth:`LlamaConfig.from_hf` reads for one ``model_type`` and how the family differs from Llama."""
+
+  architecture: str  # transformers' CausalLM class (``architectures`` of a saved config.json)
+  activation: str = "silu"
+  act_field: str = "hidden_act"
+  attention_bias_field: bool = False  # the config's attention_bias gives q/k/v/o biases
+  mlp_bias_field: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  gemma: bool = False  # (1 + w) norms, scaled embeddings, sandwich norms, query_pre_attn_scalar, soft-capping
+  local_rope: bool = False  # rope_parameters per layer type
+  sliding: Any = _no_sliding
+
+
+FAMILIES: dict[str, Family] = {
+  "llama": Family("LlamaForCausalLM", attention_bias_field=True, mlp_bias_field=True),
+  "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, sliding=_qwen_sliding),
+  "qwen3": Family("Qwen3ForCausalLM", attention_bias_field=True, qk_norm=True, sliding=_qwen_sliding),
+  "mistral": Family("MistralForCausalLM", sliding=_mistral_sliding),
+  "gemma2": Family(
+    "Gemma2ForCausalLM",
+    activation="gelu_pytorch_tanh",
+    act_field="hidden_activation",
+    attention_bias_field=True,
+    gemma=True,
+    sliding=_gemma_sliding,
+  ),
+  "gemma3_text": Family(
+    "Gemma3ForCausalLM",
+    activation="gelu_pytorch_tanh",
+    act_field="hidden_activation",
+    attention_bias_field=True,
+    qk_norm=True,
+    gemma=True,
+    local_rope=True,
+    sliding=_gemma_sliding,
+  ),
+}
+
+SUPPORTED_MODEL_TYPES = frozenset(FAMILIES)
+
+
+def _check_model_type(model_type: str) -> None:
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(
+      f"unsupported architecture model_type={model_type!r}: jpeft.models supports {sorted(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def hf_config_fields(config: LlamaConfig) -> tuple[dict, tuple[str, ...]]:
+  """The ``config.json`` fields that name the family and carry its differences (``architectures``, ``model_type``,
+  the activation, sliding windows, Gemma's scalars and per-layer-type RoPE), and the Llama keys the family's
+  config does not have (to drop)."""
+  c = config
+  family = FAMILIES[c.model_type]
+  d = {"architectures": [family.architecture], "model_type": c.model_type, family.act_field: c.hidden_act}
+  drop = () if family.act_field == "hidden_act" else ("hidden_act",)
+  types = list(c.layer_types) if c.layer_types is not None else ["full_attention"] * c.num_hidden_layers
+  if c.model_type in ("qwen2", "qwen3"):
+    d.update(use_sliding_window=c.sliding_window is not None, sliding_window=c.sliding_window, layer_types=types)
+  elif c.model_type == "mistral":
+    d["sliding_window"] = c.sliding_window
+  if family.gemma:
+    d.update(
+      query_pre_attn_scalar=c.query_pre_attn_scalar,
+      attn_logit_softcapping=c.attn_logit_softcapping,
+      final_logit_softcapping=c.final_logit_softcapping,
+      sliding_window=c.sliding_window,
+      layer_types=types,
+    )
+  if family.local_rope:
+    full = {"rope_type": "default", "rope_theta": c.rope_theta, **dict(c.rope_scaling or ())}
+    local = {"rope_type": "default", "rope_theta": c.rope_local_theta}
+    d["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    drop += ("rope_scaling", "rope_theta")
+  if c.model_type != "llama":
+    drop += ("mlp_bias",)
+  return d, drop
+
 
 LINEAR_SUFFIXES = (
   "self_attn.q_proj",
@@ -119,25 +296,44 @@ LINEAR_SUFFIXES = (
 )
 
 
+def _attention_linears(c: LlamaConfig):
+  """(name, out, in, bias) of the attention projections."""
+  q_out = c.num_attention_heads * c.head_dim
+  kv_out = c.num_key_value_heads * c.head_dim
+  qkv_bias = c.attention_bias or c.qkv_bias
+  return (
+    ("self_attn.q_proj", q_out, c.hidden_size, qkv_bias),
+    ("self_attn.k_proj", kv_out, c.hidden_size, qkv_bias),
+    ("self_attn.v_proj", kv_out, c.hidden_size, qkv_bias),
+    ("self_attn.o_proj", c.hidden_size, q_out, c.attention_bias),
+  )
+
+
+def _qk_norms(c: LlamaConfig) -> tuple[str, ...]:
+  return ("self_attn.q_norm", "self_attn.k_norm") if c.qk_norm else ()
+
+
+def _layer_norms(c: LlamaConfig) -> tuple[str, ...]:
+  """The hidden-size norms of a layer, in module order."""
+  norms = ("input_layernorm", "post_attention_layernorm")
+  return norms + (("pre_feedforward_layernorm", "post_feedforward_layernorm") if c.sandwich_norms else ())
+
+
 def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   """Every tensor the model reads, with its Hugging Face name and (out, in) shape, in model order."""
   c = config
-  q_out = c.num_attention_heads * c.head_dim
-  kv_out = c.num_key_value_heads * c.head_dim
   shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
   for i in range(c.num_hidden_layers):
     p = f"model.layers.{i}."
     shapes[p + "input_layernorm.weight"] = (c.hidden_size,)
-    for name, out_dim, in_dim, bias in (
-      ("self_attn.q_proj", q_out, c.hidden_size, c.attention_bias),
-      ("self_attn.k_proj", kv_out, c.hidden_size, c.attention_bias),
-      ("self_attn.v_proj", kv_out, c.hidden_size, c.attention_bias),
-      ("self_attn.o_proj", c.hidden_size, q_out, c.attention_bias),
-    ):
+    for name, out_dim, in_dim, bias in _attention_linears(c):
       shapes[p + name + ".weight"] = (out_dim, in_dim)
       if bias:
         shapes[p + name + ".bias"] = (out_dim,)
-    shapes[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
+    for name in _qk_norms(c):
+      shapes[p + name + ".weight"] = (c.head_dim,)
+    for name in _layer_norms(c)[1:]:
+      shapes[p + name + ".weight"] = (c.hidden_size,)
     for name, out_dim, in_dim in (
       ("mlp.gate_proj", c.intermediate_size, c.hidden_size),
       ("mlp.up_proj", c.intermediate_size, c.hidden_size),
@@ -163,23 +359,25 @@ def module_kinds(config: LlamaConfig) -> dict[str, str]:
     p = f"model.layers.{i}."
     for s in LINEAR_SUFFIXES[:4]:
       kinds[p + s] = "linear"
+    for s in _qk_norms(config):
+      kinds[p + s] = "norm"
     for s in LINEAR_SUFFIXES[4:]:
       kinds[p + s] = "linear"
-    kinds[p + "input_layernorm"] = "norm"
-    kinds[p + "post_attention_layernorm"] = "norm"
+    for s in _layer_norms(config):
+      kinds[p + s] = "norm"
   kinds["model.norm"] = "norm"
   kinds["lm_head"] = "linear"
   return kinds
 
 
 def init_params(key: jax.Array, config: LlamaConfig, dtype=jnp.float32, std: float = 0.02) -> dict:
-  """Random params (normal(std) weights, unit norms, zero biases) -- for tests and from-scratch runs."""
+  """Random params (normal(std) weights, identity norms, zero biases) -- for tests and from-scratch runs."""
   shapes = param_shapes(config)
   keys = jax.random.split(key, len(shapes))
   out = {}
   for k, (name, shape) in zip(keys, shapes.items()):
-    if name.endswith("norm.weight"):
-      out[name] = jnp.ones(shape, dtype)
+    if name.endswith("norm.weight"):  # the identity: 1, or 0 for Gemma's (1 + w)
+      out[name] = (jnp.zeros if config.norm_offset else jnp.ones)(shape, dtype)
     elif name.endswith(".bias"):
       out[name] = jnp.zeros(shape, dtype)
     else:
@@ -218,21 +416,33 @@ def base_array(weight):
   return weight
 
 
-def rms_norm(x: jax.Array, weight, eps: float) -> jax.Array:
-  """Hugging Face's LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+def rms_norm(x: jax.Array, weight, eps: float, offset: bool = False) -> jax.Array:
+  """Hugging Face's LlamaRMSNorm: normalise in fp32, cast back, then scale. With ``offset`` Gemma's: scale by
+  ``1 + w`` in fp32, then cast back."""
   in_dtype = x.dtype
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   w = weight.materialize() if hasattr(weight, "materialize") else weight
+  if offset:
+    return (x32 * (1.0 + w.astype(jnp.float32))).astype(in_dtype)
   return (w * x32.astype(in_dtype)).astype(in_dtype)
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """Inverse frequencies, with ``llama3``/``linear`` scaling as transformers computes them (float32)."""
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": _gelu_tanh}
+
+
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
+  """Inverse frequencies, with ``llama3``/``linear`` scaling as transformers computes them (float32). ``local``: the
+  sliding layers' (Gemma 3's ``rope_local_theta``, unscaled)."""
   dim = config.head_dim
-  inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  theta = config.rope_local_theta if local else config.rope_theta
+  inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
   inv = inv.astype(np.float32)
-  if config.rope_scaling is None:
+  if config.rope_scaling is None or local:
     return inv
   s = dict(config.rope_scaling)
   if s["rope_type"] == "linear":
@@ -286,8 +496,9 @@ class KVCache:
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))
 
 
-def _attention(q, k, v, allowed, dtype):
-  """Grouped-query attention. q (B,T,H,D), k/v (B,S,KV,D), allowed (B,T,S) bool -> (B,T,H*D).
+def _attention(q, k, v, allowed, dtype, scale: float, softcap: float | None = None):
+  """Grouped-query attention. q (B,T,H,D), k/v (B,S,KV,D), allowed (B,T,S) bool -> (B,T,H*D). Scores are
+  ``q·k · scale``, soft-capped (``cap · tanh(s / cap)``) before the mask when ``softcap`` is set.
 
   A query that may attend to no key (a left-padding position) gets 0, as transformers' default SDPA attention
   gives it: padded positions never reach a real token, but Lily's router averages over every position of the batch.
@@ -295,7 +506,9 @@ def _attention(q, k, v, allowed, dtype):
   b, t, h, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * (d**-0.5)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+  if softcap is not None:
+    scores = softcap * jnp.tanh(scores / softcap)
   scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(jnp.any(allowed, axis=-1)[:, None, None, :, None], probs, 0.0).astype(dtype)
@@ -341,6 +554,8 @@ def forward(
   c = config
   if inputs_embeds is None:
     x = embed(input_ids, params["model.embed_tokens.weight"])
+    if c.scale_embeddings:  # Gemma: × sqrt(hidden), the factor rounded to the embedding's dtype as transformers does
+      x = x * jnp.asarray(np.float32(c.hidden_size**0.5), x.dtype)
   else:
     x = inputs_embeds
   dtype = compute_dtype or x.dtype
@@ -367,28 +582,50 @@ def forward(
     q_index = cache_index + jnp.arange(t)
     k_index = jnp.arange(cache.valid.shape[1])
   allowed = (k_index[None, None, :] <= q_index[None, :, None]) & key_valid[:, None, :]
+  allowed_sliding = allowed
+  if c.sliding_window is not None:  # a sliding layer's query sees the last `sliding_window` slots (itself included)
+    allowed_sliding = allowed & (k_index[None, None, :] > q_index[None, :, None] - c.sliding_window)
 
   inv_freq = rope_inv_freq(c)
+  inv_freq_local = rope_inv_freq(c, local=True) if c.rope_local_theta is not None else inv_freq
   cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
+  scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else c.head_dim) ** -0.5
+  act = _ACTIVATIONS[c.hidden_act]
 
-  def layer(x, lp, i, positions, allowed, cache_k, cache_v):
-    h = rms_norm(x, lp["input_layernorm.weight"], c.rms_norm_eps)
+  def norm(x, weight):
+    return rms_norm(x, weight, c.rms_norm_eps, c.norm_offset)
+
+  def layer(x, lp, i, positions, masks, cache_k, cache_v):
+    sliding = c.is_sliding(i)
+    rope = inv_freq_local if sliding else inv_freq
+    h = norm(x, lp["input_layernorm.weight"])
     q = linear(h, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias"), dtype)
     k = linear(h, lp["self_attn.k_proj.weight"], lp.get("self_attn.k_proj.bias"), dtype)
     v = linear(h, lp["self_attn.v_proj.weight"], lp.get("self_attn.v_proj.bias"), dtype)
-    q = rotary(q.reshape(b, t, c.num_attention_heads, c.head_dim), positions, inv_freq)
-    k = rotary(k.reshape(b, t, c.num_key_value_heads, c.head_dim), positions, inv_freq)
+    q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+    if c.qk_norm:
+      q = norm(q, lp["self_attn.q_norm.weight"])
+      k = norm(k, lp["self_attn.k_norm.weight"])
+    q = rotary(q, positions, rope)
+    k = rotary(k, positions, rope)
     v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
     if cache_k is not None:  # written in place into the (L, B, S, KV, D) buffers: no per-step copies
       cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], (i, 0, cache_index, 0, 0))
       cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], (i, 0, cache_index, 0, 0))
       k, v = cache_k[i].astype(dtype), cache_v[i].astype(dtype)
-    attn = _attention(q, k, v, allowed, dtype)
-    x = x + linear(attn, lp["self_attn.o_proj.weight"], lp.get("self_attn.o_proj.bias"), dtype)
-    h = rms_norm(x, lp["post_attention_layernorm.weight"], c.rms_norm_eps)
+    attn = _attention(q, k, v, masks[1] if sliding else masks[0], dtype, scale, c.attn_logit_softcapping)
+    attn = linear(attn, lp["self_attn.o_proj.weight"], lp.get("self_attn.o_proj.bias"), dtype)
+    if c.sandwich_norms:
+      attn = norm(attn, lp["post_attention_layernorm.weight"])
+    x = x + attn
+    h = norm(x, lp["pre_feedforward_layernorm.weight" if c.sandwich_norms else "post_attention_layernorm.weight"])
     gate = linear(h, lp["mlp.gate_proj.weight"], lp.get("mlp.gate_proj.bias"), dtype)
     up = linear(h, lp["mlp.up_proj.weight"], lp.get("mlp.up_proj.bias"), dtype)
-    x = x + linear(jax.nn.silu(gate) * up, lp["mlp.down_proj.weight"], lp.get("mlp.down_proj.bias"), dtype)
+    mlp = linear(act(gate) * up, lp["mlp.down_proj.weight"], lp.get("mlp.down_proj.bias"), dtype)
+    if c.sandwich_norms:
+      mlp = norm(mlp, lp["post_feedforward_layernorm.weight"])
+    x = x + mlp
     return x, cache_k, cache_v
 
   # remat: keep only each layer's input for the backward pass and recompute the rest (less memory).
@@ -396,8 +633,8 @@ def forward(
   for i in range(c.num_hidden_layers):
     p = f"model.layers.{i}."
     lp = {k[len(p) :]: v for k, v in params.items() if k.startswith(p)}
-    x, cache_k, cache_v = layer_fn(x, lp, i, positions, allowed, cache_k, cache_v)
-  x = rms_norm(x, params["model.norm.weight"], c.rms_norm_eps)
+    x, cache_k, cache_v = layer_fn(x, lp, i, positions, (allowed, allowed_sliding), cache_k, cache_v)
+  x = norm(x, params["model.norm.weight"])
   hidden = x
   if logits_at is not None:
     x = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)
@@ -405,6 +642,8 @@ def forward(
   if head is None:  # tied: the head reads the embedding's base matrix (an embedding adapter is input-only)
     head = base_array(params["model.embed_tokens.weight"])
   logits = linear(x, head, params.get("lm_head.bias"), dtype).astype(jnp.float32)
+  if c.final_logit_softcapping is not None:
+    logits = c.final_logit_softcapping * jnp.tanh(logits / c.final_logit_softcapping)
   outputs = (logits,)
   if cache is not None:
     outputs += (KVCache(cache_k, cache_v, valid),)

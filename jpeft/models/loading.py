@@ -142,7 +142,7 @@ def params_from_state_dict(
   unexpected = sorted(names - set(expected))
   if unexpected:
     raise CheckpointError(
-      f"{source}: {len(unexpected)} tensor(s) the Llama config has no place for, e.g. {unexpected[:5]}"
+      f"{source}: {len(unexpected)} tensor(s) the {config.model_type} config has no place for, e.g. {unexpected[:5]}"
     )
   params = {}
   for name, shape in expected.items():
@@ -216,7 +216,7 @@ def load_hf_folder(folder: str, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict
   """A local Hugging Face model folder: config.json + model.safetensors (or a sharded index)."""
   from safetensors import safe_open
 
-  config = LlamaConfig.from_hf(load_hf_config(folder))
+  config = _llama_config(load_hf_config(folder), os.path.join(folder, "config.json"))
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
   if os.path.exists(index):
@@ -242,8 +242,9 @@ def load_hf_folder(folder: str, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict
 
 
 def from_transformers(model, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
-  """A loaded ``transformers`` Llama model object."""
-  config = LlamaConfig.from_hf(model.config)
+  """A loaded ``transformers`` model object of a supported family (Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3
+  text)."""
+  config = _llama_config(model.config, type(model).__name__)
   return config, params_from_state_dict(model.state_dict(), config, dtype=dtype, source=type(model).__name__)
 
 
