@@ -9,13 +9,18 @@ The public names (``jpeft.__all__``)::
   jpeft.save_pretrained(folder, adapter, config, params)             # PyTorch PEFT loads the folder
   merged = jpeft.merge(params, adapter, config)                      # plain params
 
+Any Flax model (an ``nnx.State``, a linen ``{"params": ...}`` tree, a nested dict) works the same way: ``jpeft.init(key,
+state, config)`` targets the tree's own paths, ``jpeft.apply(state, adapter, config, materialize=True)`` returns a
+tree of the same structure with the adapted weights as arrays, and ``jpeft.save_pretrained(folder, adapter, config,
+state, name_map=...)`` writes PEFT's format under the Hugging Face module names (:mod:`jpeft.tree`).
+
 The submodules (``jpeft.core``, ``jpeft.checkpoint``, ``jpeft.convert``, ``jpeft.trainer``, ``jpeft.models``, ...)
 hold the rest; ``jpeft.generate`` is the generation function (its module is ``jpeft.generate`` in
 ``sys.modules``, imported as ``from jpeft.generate import ...``).
 """
 
 from jpeft import registry as _registry
-from jpeft.checkpoint import load_pretrained, save_merged_model, save_pretrained
+from jpeft.checkpoint import load_pretrained, save_merged_model
 from jpeft.config import (
   AdapterCheckpointError,
   ConversionError,
@@ -27,7 +32,7 @@ from jpeft.config import (
 )
 from jpeft.convert import check_vllm
 from jpeft.convert import to_lora as convert_to_lora
-from jpeft.core import apply, init, merge, unmerge
+from jpeft.core import unmerge
 from jpeft.generate import generate
 from jpeft.methods.adalora import AdaLoraConfig
 from jpeft.methods.beft import BeftConfig
@@ -46,6 +51,7 @@ from jpeft.models import load_model, load_tokenizer
 from jpeft.optim import make_optimizer
 from jpeft.registry import config_from_dict, load_config
 from jpeft.train import make_train_step
+from jpeft.tree import TreeLayout, apply, describe, init, merge, save_pretrained
 
 registered_peft_types = _registry.registered_peft_types
 
@@ -67,6 +73,7 @@ __all__ = [
   "MissConfig",
   "OFTConfig",
   "PeftConfig",
+  "TreeLayout",
   "UnmergeableError",
   "UnsupportedConfigError",
   "VeraConfig",
@@ -74,6 +81,7 @@ __all__ = [
   "check_vllm",
   "config_from_dict",
   "convert_to_lora",
+  "describe",
   "generate",
   "init",
   "load_config",

@@ -66,13 +66,44 @@ get_method = registry.get_method
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What the core needs of a model: module names and kinds, a model type, an order
+#
+# ``model_config`` is either a :class:`LlamaConfig` (jpeft's own model: ``module_kinds``, the tied ``lm_head``), None
+# (a Llama of any depth, where a function allows it) or a *model description*: any hashable object with
+# ``module_kinds`` (name -> "linear"/"embedding"/"norm", in model order), ``model_type`` (str or None) and
+# ``output_embedding`` (the module "all-linear" leaves out, or None) -- :class:`jpeft.tree.TreeLayout`, built from a
+# foreign (Flax nnx / linen / nested dict) parameter tree. Llama-only special cases (the tied head) apply only to the
+# first two.
+
+
+def is_llama(model_config) -> bool:
+  """Whether ``model_config`` describes jpeft's own Llama (a :class:`LlamaConfig`, or None: any Llama)."""
+  return model_config is None or isinstance(model_config, LlamaConfig)
+
+
+def _kinds(model_config) -> dict[str, str]:
+  if isinstance(model_config, LlamaConfig):
+    return module_kinds(model_config)
+  return dict(model_config.module_kinds)
+
+
+def _model_type(model_config):
+  return getattr(model_config, "model_type", None)
+
+
+def _output_embedding(model_config):
+  return "lm_head" if is_llama(model_config) else model_config.output_embedding
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Targeting
 
 
-def resolve(config, model_config: LlamaConfig) -> targets_lib.TargetResolution:
+def resolve(config, model_config) -> targets_lib.TargetResolution:
   """PEFT's matching rules on this model; logs what matched.
 
   Needs only the model's config (module names and kinds), never its weights, so it can run before loading.
+  ``model_config``: a :class:`LlamaConfig` or a model description (see above).
 
   Raises:
     targets.NoMatchingTargetsError: nothing matched.
@@ -80,12 +111,16 @@ def resolve(config, model_config: LlamaConfig) -> targets_lib.TargetResolution:
   """
   method = get_method(config.peft_type)
   return targets_lib.resolve_targets(
-    config, module_kinds(model_config), model_config.model_type, supported_kinds=method.supported_kinds
+    config,
+    _kinds(model_config),
+    _model_type(model_config),
+    supported_kinds=method.supported_kinds,
+    output_embedding=_output_embedding(model_config),
   )
 
 
-def _module_spec(params, name: str, kind: str, model_config: LlamaConfig) -> ModuleSpec:
-  if name == "lm_head" and "lm_head.weight" not in params:  # tied head
+def _module_spec(params, name: str, kind: str, model_config) -> ModuleSpec:
+  if is_llama(model_config) and name == "lm_head" and "lm_head.weight" not in params:  # tied head
     return ModuleSpec(name, kind, base_array(params["model.embed_tokens.weight"]))
   if name + ".weight" not in params:
     raise targets_lib.TargetError(f"target module {name!r} has no weight {name + '.weight'!r} in the model params")
@@ -104,8 +139,12 @@ def _adapter_dtype(spec: ModuleSpec, config):
 # init / apply / merge
 
 
-def init(key: Array, params, config, model_config: LlamaConfig):
+def init(key: Array, params, config, model_config):
   """A fresh adapter at PEFT's initialisation.
+
+  ``params``: a flat dict ``{"<module>.weight": (out, in) array, "<module>.bias": ...}``; ``model_config``: its
+  :class:`LlamaConfig`, or a model description of the same names (:func:`jpeft.tree.describe` builds both from any
+  Flax tree; ``jpeft.init`` takes the tree itself).
 
   Returns ``(adapter, params)``; ``params`` is the input unless the method rewrites the base at init
   (PiSSA/OLoRA), in which case it holds the residual weights the adapter was built against. The adapter holds the
@@ -113,7 +152,7 @@ def init(key: Array, params, config, model_config: LlamaConfig):
   """
   method = get_method(config.peft_type)
   resolution = resolve(config, model_config)
-  kinds = module_kinds(model_config)
+  kinds = _kinds(model_config)
   bias = getattr(config, "bias", "none")
   if bias != "none" and any(k.endswith(".bias") for k in params):
     # On a model without biases (the usual Llama) PEFT's bias="all"/"lora_only" trains and saves nothing.
@@ -157,13 +196,13 @@ def _cast_floats(tensors, dtype):
   return {t: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v for t, v in tensors.items()}
 
 
-def _adapted_specs(params, adapter: Adapter, config, model_config: LlamaConfig | None) -> dict[str, ModuleSpec]:
+def _adapted_specs(params, adapter: Adapter, config, model_config) -> dict[str, ModuleSpec]:
   """The :class:`ModuleSpec` of every module the adapter adapts (not its full copies), by name in model order (see
   :func:`model_order`), kinds checked."""
   method = get_method(config.peft_type)
   save = set(_modules_to_save(adapter, config))
   specs = {}
-  for name in sorted(adapter, key=model_order):
+  for name in sorted(adapter, key=order_key(model_config)):
     if name == SHARED or name in save:
       continue
     kind = module_kind(name, model_config)
@@ -173,7 +212,7 @@ def _adapted_specs(params, adapter: Adapter, config, model_config: LlamaConfig |
         f"not support. Currently, only the following modules are supported: "
         f"{', '.join(targets_lib.describe_kind(k) for k in method.supported_kinds)}."
       )
-    tied_head = name == "lm_head" and "lm_head.weight" not in params
+    tied_head = is_llama(model_config) and name == "lm_head" and "lm_head.weight" not in params
     weight_key = "model.embed_tokens.weight" if tied_head else name + ".weight"
     if weight_key not in params:
       raise AdapterCheckpointError(f"the adapter adapts {name!r}, but the model params have no {weight_key!r}")
@@ -181,7 +220,15 @@ def _adapted_specs(params, adapter: Adapter, config, model_config: LlamaConfig |
   return specs
 
 
-def apply(params, adapter: Adapter, config, *, rng: Array | None = None, model_config: LlamaConfig | None = None):
+def apply(
+  params,
+  adapter: Adapter,
+  config,
+  *,
+  rng: Array | None = None,
+  model_config=None,
+  materialize: bool = False,
+):
   """Params where every targeted module's entries are adapted (pure, jit-able; ``config`` is static).
 
   Args:
@@ -191,7 +238,11 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None, model_c
     rng: a key for dropout (training); None evaluates without dropout.
     model_config: the model's config; module kinds then come from the model itself (``module_kinds``). Without it
       they come from the Llama layer layout (every Llama layer has the same modules), and a name that is no Llama
-      module is refused.
+      module is refused. A model description (:class:`jpeft.tree.TreeLayout`) gives them for any other model.
+    materialize: return plain arrays (every adapted entry's merged weight, ``W + ΔW`` etc., differentiable with
+      respect to the adapter) instead of adapted-weight pytrees, for a model that takes plain params. Raises
+      :class:`UnmergeableError` naming why for a method whose adapted weight has no merged form (Lily's routing
+      on the batch, BEFT without a base bias).
   """
   method = get_method(config.peft_type)
   out = dict(params)
@@ -212,7 +263,33 @@ def apply(params, adapter: Adapter, config, *, rng: Array | None = None, model_c
     tensors = {**adapter[name], **tied.get(name, {})}
     for suffix, entry in method.adapt_module(specs[name], tensors, config, shared, r).items():
       out[f"{name}.{suffix}"] = entry
+  if materialize:
+    return _materialized(out, params, config, model_config)
   return out
+
+
+def _materialized(adapted, params, config, model_config):
+  """Every adapted entry of ``adapted`` replaced by its merged plain array; a tied Llama head keeps the base
+  embedding (as the adapted forward reads it)."""
+  for key, entry in adapted.items():
+    if (hasattr(entry, "matmul") or hasattr(entry, "embed")) and not hasattr(entry, "materialize"):
+      reason = getattr(entry, "unmergeable_reason", None) or "it has no merged weight"
+      raise UnmergeableError(
+        f"{config.peft_type} cannot be merged: the adapted {key!r} ({type(entry).__name__}) has no merged weight "
+        f"({reason}); keep the adapter (core.apply without materialize) instead"
+      )
+  merged = materialize(adapted)
+  embedding = adapted.get("model.embed_tokens.weight")
+  if (
+    is_llama(model_config)
+    and "lm_head.weight" not in params
+    and "lm_head.weight" not in merged
+    and hasattr(embedding, "materialize")
+  ):
+    # a tied head keeps reading the base embedding (unless the adapter gives the head its own weight: a
+    # modules_to_save copy or a LoRA on lm_head)
+    merged["lm_head.weight"] = base_array(embedding)
+  return merged
 
 
 def tied_tensors(config, specs: Mapping[str, ModuleSpec]) -> dict[str, dict[str, str]]:
@@ -245,6 +322,7 @@ def project(adapter: Adapter, config) -> Adapter:
 
 
 def _layer_template() -> dict[str, str]:
+  # every module a layer of any supported family has (Qwen3/Gemma 3's q/k norms, Gemma's sandwich norms), in order
   one_layer = LlamaConfig(
     vocab_size=1,
     hidden_size=1,
@@ -253,11 +331,22 @@ def _layer_template() -> dict[str, str]:
     num_attention_heads=1,
     num_key_value_heads=1,
     head_dim=1,
+    qk_norm=True,
+    sandwich_norms=True,
   )
   return module_kinds(one_layer)
 
 
 _KINDS_OF_ONE_LAYER = _layer_template()
+
+
+def order_key(model_config=None):
+  """The sort key of module names in ``model_config``'s order: :func:`model_order` for a Llama, the description's
+  own order (``module_kinds``) otherwise."""
+  if is_llama(model_config):
+    return model_order
+  order = {name: i for i, name in enumerate(_kinds(model_config))}
+  return lambda name: (order.get(name, len(order)), name)
 
 
 def model_order(name: str) -> tuple:
@@ -271,12 +360,20 @@ def model_order(name: str) -> tuple:
   return (order.index(name) if name in order else len(order), 0, 0)
 
 
-def module_kind(name: str, model_config: LlamaConfig | None = None) -> str:
+def module_kind(name: str, model_config=None) -> str:
   """The real kind of a module (``jpeft.models.llama.module_kinds``): linear, embedding or norm.
 
   Without ``model_config`` the layer index is not checked against the model's depth (every Llama has the same
-  modules in every layer). A name that is no Llama module raises :class:`AdapterCheckpointError`.
+  modules in every layer). A name that is no Llama module raises :class:`AdapterCheckpointError`. With a model
+  description (:class:`jpeft.tree.TreeLayout`), its own kinds.
   """
+  if not is_llama(model_config):
+    kinds = _kinds(model_config)
+    if name in kinds:
+      return kinds[name]
+    raise AdapterCheckpointError(
+      f"{name!r} is not a module of the model (its modules include: {targets_lib.summarize_modules(list(kinds))})"
+    )
   if model_config is not None:
     kinds = module_kinds(model_config)
     if name in kinds:
@@ -300,7 +397,7 @@ def materialize(params):
   return {k: (v.materialize() if hasattr(v, "materialize") else v) for k, v in params.items()}
 
 
-def merge(params, adapter: Adapter, config, *, model_config: LlamaConfig | None = None):
+def merge(params, adapter: Adapter, config, *, model_config=None):
   """Plain base-shaped params with the adapter merged in (PEFT's ``merge_and_unload``).
 
   The input ``params`` are not modified: they remain the un-merged base (that is "disable" and
@@ -309,24 +406,11 @@ def merge(params, adapter: Adapter, config, *, model_config: LlamaConfig | None 
   Raises:
     UnmergeableError: an adapted module has no merged weight (``materialize``).
   """
-  adapted = apply(params, project(adapter, config), config, model_config=model_config)
-  for key, entry in adapted.items():
-    if hasattr(entry, "matmul") or hasattr(entry, "embed"):
-      if not hasattr(entry, "materialize"):
-        raise UnmergeableError(
-          f"{config.peft_type} cannot be merged: the adapted {key!r} ({type(entry).__name__}) has no merged weight; "
-          f"keep the adapter (core.apply) instead"
-        )
-  merged = materialize(adapted)
-  embedding = adapted.get("model.embed_tokens.weight")
-  if "lm_head.weight" not in params and "lm_head.weight" not in merged and hasattr(embedding, "materialize"):
-    # a tied head keeps reading the base embedding (unless the adapter gives the head its own weight: a
-    # modules_to_save copy or a LoRA on lm_head)
-    merged["lm_head.weight"] = base_array(embedding)
+  merged = apply(params, project(adapter, config), config, model_config=model_config, materialize=True)
   return {k: v.astype(params[k].dtype) if k in params else v for k, v in merged.items()}
 
 
-def unmerge(merged, adapter: Adapter, config, *, model_config: LlamaConfig | None = None):
+def unmerge(merged, adapter: Adapter, config, *, model_config=None):
   """The base back from merged params, for additive methods (``W − ΔW``).
 
   Multiplicative methods (DoRA, OFT, IA3, ...) and ``modules_to_save`` copies cannot be undone by subtraction

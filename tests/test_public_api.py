@@ -8,7 +8,7 @@ import numpy as np
 import jpeft
 from backends import get_backend
 from backends.tiny import make_batch, make_tiny_llama
-from jpeft import registry
+from jpeft import registry, tree
 from numerics import EPS32, assert_close_to_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +23,12 @@ def test_all_names_resolve_and_every_method_config_is_public():
     assert cls.__name__ in jpeft.__all__ and getattr(jpeft, cls.__name__) is cls, peft_type
   for name in ("load_config", "init", "apply", "merge", "save_pretrained", "load_pretrained", "load_model"):
     assert name in jpeft.__all__
+  # any Flax tree: init/apply/merge/save_pretrained take one (jpeft.tree), describe gives its layout
+  for name in ("describe", "TreeLayout"):
+    assert name in jpeft.__all__
+  assert jpeft.describe is tree.describe and jpeft.TreeLayout is tree.TreeLayout
+  for name in ("init", "apply", "merge", "save_pretrained"):
+    assert getattr(jpeft, name) is getattr(tree, name), name
   for name in ("generate", "make_train_step", "make_optimizer", "convert_to_lora"):
     assert callable(getattr(jpeft, name)), name
 
