@@ -171,7 +171,9 @@ def _layout(spec: ModuleSpec, config) -> tuple[int, int]:
 
 @cached
 def _triu(b: int):
-  return np.triu_indices(b, 1)  # row-major, the order of torch.triu_indices(b, b, 1)
+  # row-major, the order of torch.triu_indices(b, b, 1); int32 whatever jax_enable_x64 says (a scatter whose numpy
+  # int64 indices meet int32 shape arithmetic fails under jax.enable_x64, as in jpeft.convert's float64 pass)
+  return tuple(i.astype(np.int32) for i in np.triu_indices(b, 1))
 
 
 def skew(vec, b: int):
