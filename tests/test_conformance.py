@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from backends.tiny import make_batch, make_tiny_llama
+from backends.tiny import make_batch, make_tiny_llama, make_tiny_model
 from jpeft import registry
 from jpeft import checkpoint, core, optim, train
 from jpeft.models import forward, load_model
@@ -24,11 +24,15 @@ from numerics import assert_close_to_scale, scaled_error
 from method_table import METHODS, NO_MERGE, UNMERGEABLE, VOCAB, identity_at_init
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
+@pytest.fixture(scope="module", params=["untied", "tied", "qwen3"])
 def model(request, tmp_path_factory):
-  folder = make_tiny_llama(
-    str(tmp_path_factory.mktemp(request.param)), initializer_range=0.1, tie_word_embeddings=request.param == "tied"
-  )
+  """A tiny Llama with an untied and a tied head, and a tiny Qwen3 (q/k norms, tied head): every row of the table
+  on a second family too."""
+  where = str(tmp_path_factory.mktemp(request.param))
+  if request.param == "qwen3":
+    folder = make_tiny_model(where, "qwen3", initializer_range=0.1, tie_word_embeddings=True)
+  else:
+    folder = make_tiny_llama(where, initializer_range=0.1, tie_word_embeddings=request.param == "tied")
   config, params = load_model(folder)
   return config, params
 
