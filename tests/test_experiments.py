@@ -154,16 +154,10 @@ def test_tiny_experiment_writes_a_result(assets, lora_results, backend):
 def test_memory_budget_stops_or_fits_a_run_before_it_trains(assets, lora_results, tmp_path, capsys):
   predicted = lora_results["jax"][0]["train_info"]["predicted_memory"]
   budget = (predicted["peak_bytes"] - 1) / 2**30  # one byte under the plain step
-  status, outcome = run.launch(
-    str(assets["exps"] / "lora" / "tiny-rank4"),
-    "jax",
-    overrides=TINY,
-    model=assets["model"],
-    tokenizer=assets["tokenizer"],
-    results_dir=str(tmp_path),
-    progress=False,
-    memory_budget=budget,
+  where = dict(
+    overrides=TINY, model=assets["model"], tokenizer=assets["tokenizer"], results_dir=str(tmp_path), progress=False
   )
+  status, outcome = run.launch(str(assets["exps"] / "lora" / "tiny-rank4"), "jax", memory_budget=budget, **where)
   err = capsys.readouterr().err
   assert status == 2 and outcome is None and "exceeds --memory_budget" in err and "--fit_memory" in err
   # stopped before training: no result, and the cancelled record says why
@@ -172,15 +166,7 @@ def test_memory_budget_stops_or_fits_a_run_before_it_trains(assets, lora_results
     cancelled = json.load(f)
   assert "exceeds --memory_budget" in cancelled["run_info"]["error_msg"]
   result, _ = runners.run_experiment(
-    str(assets["exps"] / "lora" / "tiny-rank4"),
-    "jax",
-    overrides=TINY,
-    model=assets["model"],
-    tokenizer=assets["tokenizer"],
-    results_dir=str(tmp_path),
-    progress=False,
-    memory_budget=budget,
-    fit_memory=True,
+    str(assets["exps"] / "lora" / "tiny-rank4"), "jax", memory_budget=budget, fit_memory=True, **where
   )
   info = result["train_info"]
   fitted = info["predicted_memory"]
