@@ -38,7 +38,7 @@ test: lint
 # the float-comparing jax tests again with XLA's CPU code generation capped at AVX2: other kernels, other orders of
 # float sums, as on a machine without AVX-512 (CI runs it after `make test`)
 NUMERIC_TESTS := tests/test_conformance.py tests/test_parity.py tests/test_dropout_parity.py tests/test_llama.py \
-	tests/test_trainer.py tests/test_generate.py
+	tests/test_trainer.py tests/test_generate.py tests/test_families.py tests/test_tree.py
 test-avx2: $(STAMP)
 	XLA_FLAGS=--xla_cpu_max_isa=AVX2 $(VPY) -m pytest -q -x $(NUMERIC_TESTS)
 
