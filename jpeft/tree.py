@@ -156,7 +156,7 @@ def _is_variables_dict(tree, sep: str) -> bool:
 
 def _matches(pattern: str, name: str) -> bool:
   """``rank_pattern``'s rule (PEFT's ``get_pattern_key``): the name, or a ``"."``-suffix of it, fully matches."""
-  return re.match(rf"(.*\.)?({pattern})$", name) is not None
+  return config_lib.get_pattern_key((pattern,), name) is not None
 
 
 # ----------------------------------------------------------------------------------------------------------
