@@ -41,6 +41,7 @@ from jpeft.methods.fourierft import FourierFTConfig
 from jpeft.methods.hra import HRAConfig
 from jpeft.methods.ia3 import IA3Config
 from jpeft.methods.lily import LilyConfig
+from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.loha import LoHaConfig
 from jpeft.methods.lokr import LoKrConfig
 from jpeft.methods.lora import LoraConfig
@@ -66,6 +67,7 @@ __all__ = [
   "IA3Config",
   "InvalidConfigError",
   "JpeftError",
+  "LNTuningConfig",
   "LilyConfig",
   "LoHaConfig",
   "LoKrConfig",

@@ -91,6 +91,12 @@ def _weight_changes(original: dict, params: dict, adapter: core.Adapter, config,
       f"{peft_type} changes no weight of the model (it acts on the inputs or the attention), so there is no weight "
       f"change for a LoRA to carry"
     )
+  norms = sorted((m for m in modules if core.module_kind(m, model_config) == "norm"), key=core.model_order)
+  if norms:  # LN tuning: a LoRA adapts linear and embedding weights, never a norm's vector
+    raise ConversionError(
+      f"{peft_type} cannot be converted to LoRA: it changes the norm {norms[0]!r}, and a LoRA carries changes of "
+      f"linear and embedding weights only (merge the adapter instead: core.merge)"
+    )
   subset = {k: v for k, v in params.items() if k.rsplit(".", 1)[0] in modules}
   with jax.enable_x64(True):
     subset64, adapter64 = _float64(subset), _float64({m: adapter[m] for m in adapter if m not in saved_copies})

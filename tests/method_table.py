@@ -152,6 +152,12 @@ METHODS = {
     deltaT=2,
     target_modules=["q_proj", "v_proj", "down_proj"],
   ),
+  # --- ln tuning rows ---
+  # trained copies of the norms (PEFT's default targets: both layer norms and the final norm); identity at init
+  "ln-tuning": dict(peft_type="LN_TUNING"),
+  "ln-tuning-exclude": dict(
+    peft_type="LN_TUNING", target_modules=["input_layernorm", "norm"], exclude_modules=["layers.0.input_layernorm"]
+  ),
   # --- end of method rows ---
 }
 

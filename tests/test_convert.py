@@ -284,7 +284,13 @@ def test_lora_bias_is_refused_where_peft_drops_it(base, base_folder, torch_backe
 
 
 @pytest.mark.parametrize(
-  "row,reason", [("lily", "depends on the input: the router"), ("beft", "has no bias"), ("lily-stride", "router")]
+  "row,reason",
+  [
+    ("lily", "depends on the input: the router"),
+    ("beft", "has no bias"),
+    ("lily-stride", "router"),
+    ("ln-tuning", "changes the norm 'model.layers.0.input_layernorm'"),
+  ],
 )
 def test_methods_without_a_weight_change_are_refused(row, reason, base, jax_backend, tmp_path):
   _saved(jax_backend, row, tmp_path / "src")

@@ -31,6 +31,7 @@ EXPERIMENTS = {
   "loha": "loha/smollm2-rank32",
   "lokr": "lokr/smollm2-rank32-factor4-lr0.03",
   "miss": "miss/smollm2-bat",
+  "ln_tuning": "ln_tuning/smollm2-default",
 }
 # fp32 logits through 30 layers. The bare models agree to 3.5e-6 of the largest logit on these prompts
 # (tests/test_smollm2.py) and LoRA r32 with a small perturbation to 2.8e-6. These adapters change the model far more
@@ -58,8 +59,9 @@ def _config(method):
 
 # How far each trained tensor is moved off its init, relative to its mean |value| + 1. MiSS "bat" rebuilds every
 # r x r block of W as W(I + M) + M: at 0.05 the adapter moves the logits by 1.44 of their scale and the two libraries
-# disagree by 4.4e-5 of it (bound 5e-5, too close); at 0.01 by 0.3.
-PERTURBATION = {"miss": 0.01}
+# disagree by 4.4e-5 of it (bound 5e-5, too close); at 0.01 by 0.3. LN tuning at 0.05 moves every norm weight by ~0.1
+# (effect 1.38, disagreement 4.7e-5: too close); at 0.01 the effect is ~0.2 and the disagreement 3e-6 to 4e-6.
+PERTURBATION = {"miss": 0.01, "ln_tuning": 0.01}
 
 
 def _perturbed(state, config, seed, scale=0.05):

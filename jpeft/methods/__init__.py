@@ -12,6 +12,7 @@ from jpeft.methods import fourierft  # noqa: F401
 from jpeft.methods import hra  # noqa: F401
 from jpeft.methods import ia3  # noqa: F401
 from jpeft.methods import lily  # noqa: F401
+from jpeft.methods import ln_tuning  # noqa: F401
 from jpeft.methods import loha  # noqa: F401
 from jpeft.methods import lokr  # noqa: F401
 from jpeft.methods import lora  # noqa: F401
